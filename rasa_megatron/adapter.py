@@ -1,0 +1,243 @@
+"""Saving, loading and exporting RaSA adapters.
+
+Project format (a directory):
+    ``rasa_config.json``        format name and version, the RaSAConfig, the base model's identity,
+                                module types, dtype and the SHA-256 of the weights file;
+    ``rasa_adapter.safetensors`` every adapter tensor under its state-dict key.
+
+``export_peft_lora`` writes the same update as a standard PEFT LoRA adapter of rank
+``R = r - k + L k`` (``lora_A = [A_private; A_shared]``, ``lora_B = [B_private | B_shared] diag(D)``,
+``lora_alpha = r = R`` so PEFT's scaling is 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import RaSAConfig
+from .functional import lora_factors
+from .inject import (adapted_module_types, adapter_state_dict, apply_rasa, decoder_layers, discover_module_types,
+                     expected_adapter_shapes, module_type_of, rasa_config_of, rasa_layers)
+
+FORMAT_NAME = "rasa_megatron.adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "rasa_config.json"
+WEIGHTS_FILE = "rasa_adapter.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class AdapterFormatError(ValueError):
+    """An adapter directory is missing, corrupt, or does not fit the model."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _atomic_directory_write(path: str | os.PathLike):
+    """Yield a temp dir next to ``path``; on success move each file into ``path`` with ``os.replace``.
+
+    Files are replaced one by one (each atomically); the weights are moved before the JSON that
+    names their checksum, so an interrupted save is detected at load time instead of loading stale
+    or partial tensors. On any exception nothing in ``path`` is touched.
+    """
+    target = Path(path)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target))
+    try:
+        yield tmp
+        files = sorted(tmp.iterdir(), key=lambda f: f.suffix == ".json")
+        for item in files:
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(item, target / item.name)
+    finally:
+        for leftover in tmp.iterdir():
+            leftover.unlink()
+        tmp.rmdir()
+
+
+def _base_model_identity(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
+        "name_or_path": getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None),
+    }
+
+
+def _require_unmerged(model: nn.Module, action: str) -> None:
+    merged = [name for name, layer in rasa_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(f"cannot {action}: the RaSA update is merged into the base weights "
+                         f"({len(merged)} layers, e.g. {merged[0]}); call unmerge_adapter(model) first, "
+                         "or save the merged model with save_pretrained after merge_and_unload")
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the adapter of ``model`` to directory ``path`` (safetensors + JSON, atomically).
+
+    Raises:
+        ValueError: the model has no RaSA adapters, or they are merged into the base weights.
+    """
+    config = rasa_config_of(model)
+    _require_unmerged(model, "save the adapter")
+    layers_path, _ = decoder_layers(model)
+    module_types = adapted_module_types(model)
+    tensors = {key: param.detach().to("cpu").contiguous().clone()
+               for key, param in adapter_state_dict(model).items()}
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+    with _atomic_directory_write(path) as tmp:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "producer": FORMAT_NAME})
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "rasa_config": config.to_dict(),
+            "base_model": _base_model_identity(model),
+            "layers_path": layers_path,
+            "module_types": {p: {"in_features": m.in_features, "out_features": m.out_features,
+                                 "layer_indices": list(m.layer_indices)} for p, m in module_types.items()},
+            "adapter_dtype": dtypes.pop() if len(dtypes) == 1 else sorted(dtypes),
+            "weights_file": WEIGHTS_FILE,
+            "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """Parse and check ``rasa_config.json`` of an adapter directory."""
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterFormatError(f"{config_path} not found: {path} is not a RaSA adapter directory "
+                                 f"(expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFormatError(f"{config_path} is not valid JSON ({err}); the file is corrupt") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise AdapterFormatError(f"{config_path} is not a {FORMAT_NAME} file "
+                                 f"(format={meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterFormatError(f"{config_path} has format_version={meta.get('format_version')!r}; "
+                                 f"this rasa_megatron reads version {FORMAT_VERSION}")
+    return meta
+
+
+def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Apply the adapter saved at ``path`` to ``base_model`` (in place) and return it.
+
+    Everything is checked before the model is touched: format and version, the weights' checksum
+    (truncated/corrupt files), the base model's architecture and module shapes, and the exact set of
+    tensor names and shapes (unknown or missing keys are refused).
+    """
+    meta = read_adapter_config(path)
+    weights_path = Path(path) / meta.get("weights_file", WEIGHTS_FILE)
+    if not weights_path.is_file():
+        raise AdapterFormatError(f"{weights_path} not found; the adapter directory {path} is incomplete")
+    if _sha256(weights_path) != meta.get("weights_sha256"):
+        raise AdapterFormatError(f"{weights_path} does not match the checksum in {CONFIG_FILE}: "
+                                 "the file is truncated or corrupt (or was written by an interrupted save)")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFormatError(f"cannot read {weights_path}: {err}") from err
+
+    config = RaSAConfig.from_dict(meta["rasa_config"])
+    saved_type = meta["base_model"].get("model_type")
+    model_type = getattr(getattr(base_model, "config", None), "model_type", None)
+    if saved_type and model_type and saved_type != model_type:
+        raise AdapterFormatError(f"adapter at {path} was trained on a {saved_type!r} model; "
+                                 f"the given base model is {model_type!r}")
+    layers_path, _ = decoder_layers(base_model)
+    module_types = discover_module_types(base_model, config.target_modules)
+    saved_types = meta["module_types"]
+    for type_path in sorted(set(saved_types) | set(module_types)):
+        saved, mtype = saved_types.get(type_path), module_types.get(type_path)
+        here = None if mtype is None else {"in_features": mtype.in_features, "out_features": mtype.out_features,
+                                           "layer_indices": list(mtype.layer_indices)}
+        if saved != here:
+            raise AdapterFormatError(f"adapter at {path} does not fit the base model: module type "
+                                     f"{type_path!r} is {saved} in the adapter but {here} in the model")
+    if meta["layers_path"] != layers_path:
+        raise AdapterFormatError(f"adapter at {path} has layers at {meta['layers_path']!r}, "
+                                 f"the base model at {layers_path!r}")
+    expected = expected_adapter_shapes(layers_path, module_types, config)
+    unknown, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+    if unknown or missing:
+        raise AdapterFormatError(f"adapter at {path} has unknown keys {unknown[:5]}{'...' if len(unknown) > 5 else ''}"
+                                 f" and lacks keys {missing[:5]}{'...' if len(missing) > 5 else ''} "
+                                 f"({len(unknown)} unknown, {len(missing)} missing)")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise AdapterFormatError(f"adapter tensor {key} has shape {tuple(tensors[key].shape)}, "
+                                     f"the model needs {shape}")
+    dtype = next(iter(tensors.values())).dtype
+    apply_rasa(base_model, config, adapter_dtype=dtype)
+    params = adapter_state_dict(base_model)
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key])
+    return base_model
+
+
+def peft_lora_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """PEFT LoRA tensors of the RaSA update and the rank of each module path.
+
+    Returns:
+        ``{"base_model.model.<path>.lora_A.weight": [R, in], ...lora_B.weight: [out, R]}`` and
+        ``{<path>: R}``.
+    """
+    tensors, ranks = {}, {}
+    with torch.no_grad():
+        for name, layer in rasa_layers(model).items():
+            lora_A, lora_B = lora_factors(*layer._factors())
+            tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.detach().cpu().contiguous().clone()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.detach().cpu().contiguous().clone()
+            ranks[name] = layer.effective_rank
+    return tensors, ranks
+
+
+def export_peft_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+    """Write the RaSA update of ``model`` as a standard PEFT LoRA adapter directory.
+
+    Loaded with ``peft.PeftModel.from_pretrained(base, path)`` it reproduces the RaSA model. The rank
+    is ``R = r - k + L k`` (serving stacks need ``max_lora_rank >= R``); module types with another
+    ``L`` get their rank through ``rank_pattern``/``alpha_pattern``.
+    """
+    from peft import LoraConfig
+
+    config = rasa_config_of(model)
+    _require_unmerged(model, "export a PEFT adapter")
+    tensors, ranks = peft_lora_tensors(model)
+    layers_path, _ = decoder_layers(model)
+    rank_by_type = {module_type_of(name, layers_path): rank for name, rank in ranks.items()}
+    leaves = [p.rsplit(".", 1)[-1] for p in rank_by_type]
+    target_names = {p: (p.rsplit(".", 1)[-1] if leaves.count(p.rsplit(".", 1)[-1]) == 1 else p)
+                    for p in rank_by_type}
+    common_rank = Counter(rank_by_type.values()).most_common(1)[0][0]
+    pattern = {target_names[p]: rank for p, rank in rank_by_type.items() if rank != common_rank}
+    identity = _base_model_identity(model)
+    lora_config = LoraConfig(
+        r=common_rank, lora_alpha=common_rank, rank_pattern=pattern, alpha_pattern=dict(pattern),
+        target_modules=sorted(target_names.values()), lora_dropout=config.dropout, bias="none",
+        task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path or identity["name_or_path"],
+    )
+    with _atomic_directory_write(path) as tmp:
+        save_file(tensors, tmp / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
+        lora_config.save_pretrained(tmp)
