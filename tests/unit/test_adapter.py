@@ -89,3 +89,28 @@ def test_k0_equals_real_peft_lora_with_copied_weights(tiny_model_factory, token_
         peft_model.eval()
         diff = (peft_model(token_batch).logits - model(token_batch).logits).abs().max().item()
     assert diff <= 1e-5
+
+
+def test_peft_export_uses_rank_pattern_when_depths_differ(tmp_path, tiny_model_factory, token_batch,
+                                                          randomise_adapter):
+    """A module type present in fewer layers has a smaller pool, hence another rank R."""
+    def with_extra(model):
+        model.model.layers[0].mlp.extra_proj = torch.nn.Linear(32, 32, bias=False)  # one layer only
+        return model
+
+    config = RaSAConfig(r=4, k=1, target_modules=("q_proj", "extra_proj"))
+    model = apply_rasa(with_extra(tiny_model_factory("llama")), config)
+    assert model.model.layers[0].mlp.extra_proj.effective_rank == 4
+    assert model.model.layers[0].self_attn.q_proj.effective_rank == 7
+    randomise_adapter(model, scale=0.1)
+    with torch.no_grad():
+        expected = model(token_batch).logits
+    export_peft_lora(model, tmp_path)
+    peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert peft_config["r"] == 7 and peft_config["rank_pattern"] == {"extra_proj": 4}
+    assert peft_config["alpha_pattern"] == {"extra_proj": 4}
+    peft_model = PeftModel.from_pretrained(with_extra(tiny_model_factory("llama")), tmp_path).eval()
+    extra = peft_model.base_model.model.model.layers[0].mlp.extra_proj
+    assert extra.lora_A["default"].weight.shape == (4, 32) and extra.scaling["default"] == 1.0
+    with torch.no_grad():
+        assert (peft_model(token_batch).logits - expected).abs().max().item() <= 1e-5
