@@ -1,0 +1,1 @@
+"""Small generated tasks used by the default job and the tests."""
