@@ -42,21 +42,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="paper: (0.9, 0.95)")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
-    parser.add_argument("--train-size", type=int, default=None, help="default: steps x batch size")
-    parser.add_argument("--eval-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="training problems (default: steps x batch size, i.e. one epoch)")
+    parser.add_argument("--eval-size", type=int, default=64, help="held-out problems for exact match")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps (default 40)")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the training set instead of --steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=72,
+                        help="generation cap (the longest worked answer is 68 tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "eval_size", "eval_batch_size", "max_new_tokens"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    args.train_size = args.train_size or args.steps * args.batch_size
-    if args.train_size <= 0:
-        parser.error(f"--train-size must be positive, got {args.train_size}")
+    for name in ("steps", "epochs", "train_size", "batch_size", "eval_size", "eval_batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.epochs is None:
+        args.steps = args.steps or 40
+        args.train_size = args.train_size or args.steps * args.batch_size
+    else:
+        args.train_size = args.train_size or 320
+        args.steps = math.ceil(args.epochs * args.train_size / args.batch_size)
     if args.lr is None:
         args.lr = 2e-5 if args.method == "full" else 1e-3
     if not args.lr > 0:
@@ -148,7 +156,7 @@ def main(argv=None) -> dict:
         lr = scheduler.get_last_lr()[0]
         loss = sft_train_step(model, batch, optimizer, scheduler)
         row = logger.log(step + 1, int(batch["attention_mask"].sum()), loss=loss, lr=lr)
-        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
                              rss=f"{row['peak_rss_mib']:.0f}MiB")
     train_seconds = time.perf_counter() - train_start
     logger.write_csv()
