@@ -13,8 +13,9 @@ Variants:
     LoRA r=8 (ours, k=0)             apply_rasa(RaSAConfig(r=8, k=0)): LoRA with a trainable diagonal
     PEFT LoRA r=8                    peft.LoraConfig(r=8, lora_alpha=16) on the 7 linears
     RaSA r=8 k=1                     apply_rasa(RaSAConfig(r=8, k=1)): private rank 7 + pool of 30
-    RaSA r=8 k=1, concat per call    the authors' layout: [A_i; A_S] and [B_i | B_S] concatenated on
-                                     every forward call, then one rank-(r-k+Lk) LoRA product
+    RaSA r=8 k=1, split GEMMs        no factor copy: one GEMM chain for the private ranks and one for
+                                     the pool, summed (the library concatenates the small factors,
+                                     [A_i; A_S] and [B_i | B_S], and runs one rank-(r-k+Lk) chain)
     LoRA at RaSA's effective rank    (opt-in, --variants) ours with k=0 and r = r-k+Lk
 
 The variants run round-robin, one step of each per round, starting one variant later every round,
@@ -37,32 +38,30 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rasa_megatron import LLAMA_LINEARS, RaSAConfig, RaSALinear, apply_rasa  # noqa: E402
+from rasa_megatron.functional import rasa_linear_split  # noqa: E402
 
 FROZEN = "frozen base"
 OUR_LORA = "LoRA r=8 (ours, k=0)"
 PEFT_LORA = "PEFT LoRA r=8"
 RASA = "RaSA r=8 k=1"
-RASA_CONCAT = "RaSA r=8 k=1, concat per call"
+RASA_SPLIT = "RaSA r=8 k=1, split GEMMs (no factor copy)"
 LORA_EFFECTIVE = "LoRA at RaSA's effective rank"
-DEFAULT_VARIANTS = (FROZEN, OUR_LORA, PEFT_LORA, RASA, RASA_CONCAT)
+DEFAULT_VARIANTS = (FROZEN, OUR_LORA, PEFT_LORA, RASA, RASA_SPLIT)
 ALL_VARIANTS = DEFAULT_VARIANTS + (LORA_EFFECTIVE,)
 RANK, SHARED_RANK, ALPHA = 8, 1, 16
 
 
-class ConcatPerCallRaSALinear(RaSALinear):
-    """The authors' layout: build ``[A_i; A_S]`` and ``[B_i | B_S]`` on every forward call."""
+class SplitRaSALinear(RaSALinear):
+    """RaSA without concatenating the factors: one GEMM chain for the private part, one for the pool."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        lora_A = torch.cat([self.A_private, self.pool.A_shared], dim=0)
-        lora_B = torch.cat([self.B_private, self.pool.B_shared], dim=1)
-        adapter_input = self.dropout(x).to(lora_A.dtype)
-        return result + F.linear(F.linear(adapter_input, lora_A) * self.diag, lora_B).to(result.dtype)
+        adapter_input = self.dropout(x).to(self.diag.dtype)
+        return result + rasa_linear_split(adapter_input, *self._factors()).to(result.dtype)
 
 
 def build_model(args) -> torch.nn.Module:
@@ -91,11 +90,11 @@ def make_variant(name: str, args) -> tuple[torch.nn.Module, torch.optim.Optimize
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(LLAMA_LINEARS)))
     elif name == RASA:
         apply_rasa(model, RaSAConfig(r=RANK, k=SHARED_RANK, alpha=ALPHA))
-    elif name == RASA_CONCAT:
+    elif name == RASA_SPLIT:
         apply_rasa(model, RaSAConfig(r=RANK, k=SHARED_RANK, alpha=ALPHA))
         for module in model.modules():
             if isinstance(module, RaSALinear):
-                module.__class__ = ConcatPerCallRaSALinear
+                module.__class__ = SplitRaSALinear
     elif name == LORA_EFFECTIVE:
         effective_rank = RaSAConfig(r=RANK, k=SHARED_RANK).effective_rank(args.layers)
         apply_rasa(model, RaSAConfig(r=effective_rank, k=0, alpha=ALPHA))

@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="training problems (default: steps x batch size, i.e. one epoch)")
     parser.add_argument("--eval-size", type=int, default=64, help="held-out problems for exact match")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps (default 40)")
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps (default 32)")
     length.add_argument("--epochs", type=float, default=None, help="passes over the training set instead of --steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=32)
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.epochs is None:
-        args.steps = args.steps or 40
+        args.steps = args.steps or 32
         args.train_size = args.train_size or args.steps * args.batch_size
     else:
         args.train_size = args.train_size or 320

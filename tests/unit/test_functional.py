@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from rasa_megatron.config import RaSAConfig
-from rasa_megatron.functional import initial_diag, kaiming_init_, lora_factors, rasa_delta, rasa_linear
+from rasa_megatron.functional import (initial_diag, kaiming_init_, lora_factors, rasa_delta, rasa_linear,
+                                      rasa_linear_split)
 
 
 def random_factors(in_features, out_features, private_rank, pool_rank, seed=0):
@@ -36,12 +37,13 @@ def test_delta_matches_rank_by_rank_reference(private_rank, pool_rank, in_featur
     torch.testing.assert_close(rasa_delta(*factors), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("linear", [rasa_linear, rasa_linear_split])
 @pytest.mark.parametrize("private_rank,pool_rank", SHAPE_PATHS)
 @pytest.mark.parametrize("batch_shape", [(), (5,), (3, 6)])
-def test_linear_matches_dense_update(private_rank, pool_rank, batch_shape):
+def test_linear_matches_dense_update(private_rank, pool_rank, batch_shape, linear):
     factors = random_factors(20, 12, private_rank, pool_rank, seed=1)
     x = torch.randn(*batch_shape, 20, dtype=torch.float64)
-    out = rasa_linear(x, *factors)
+    out = linear(x, *factors)
     assert out.shape == (*batch_shape, 12)
     torch.testing.assert_close(out, x @ rank_by_rank_reference(*factors).T, rtol=1e-12, atol=1e-12)
 
