@@ -1,0 +1,53 @@
+"""Single-process, unsharded, plain-PyTorch reference for the DeepSpeed runs (no DeepSpeed at all).
+
+Same model construction, adapter init, batch plan, loss averaging (mean over the global batch's
+micro-batches), global-norm clipping, optimizer and schedule as the recipe; only the engine differs.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from rasa_megatron import adapter_state_dict
+from rasa_megatron.data import collate, global_batch_plan, load_raw_dataset, tokenize_dataset
+from rasa_megatron.recipe import Recipe
+from rasa_megatron.trainer import build_model, cosine_with_warmup, load_tokenizer
+
+
+def reference_run(recipe: Recipe, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses per global step and the final adapter tensors (fp32)."""
+    from lion_pytorch import Lion
+
+    tokenizer = load_tokenizer(recipe)
+    dataset = tokenize_dataset(load_raw_dataset(recipe.data.paths), tokenizer, recipe.data)
+    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+    t = recipe.train
+    steps_per_epoch = len(dataset) // t.global_batch_size
+    total = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    model = build_model(recipe, ds_config=None)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "lion":
+        optimizer = Lion(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, t.warmup_ratio))
+    losses = []
+    for step in range(steps):
+        epoch = step // steps_per_epoch
+        plan = global_batch_plan(lengths, t.global_batch_size, t.seed, epoch, recipe.data.group_by_length)
+        micro = plan[step % steps_per_epoch].reshape(-1, t.micro_batch_size)
+        total_loss = 0.0
+        for indices in micro:
+            batch = collate([dataset[int(i)] for i in indices], tokenizer.pad_token_id)
+            loss = model(**batch).loss
+            (loss / len(micro)).backward()
+            total_loss += loss.item() / len(micro)
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total_loss)
+    return losses, {k: v.detach().float().clone() for k, v in adapter_state_dict(model).items()}
