@@ -36,9 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=8, help="dry run: nodes")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="resume from output.dir/checkpoints (or the given checkpoint dir)")
-    parser.add_argument("--universal", action="store_true",
-                        help="--resume from a DeepSpeed universal checkpoint (made by tools/make_universal_checkpoint.py): "
-                             "resume on a different world size")
+    parser.add_argument("--portable", action="store_true",
+                        help="with --resume: restore the world-size-independent adapter + optimizer state "
+                             "(resume on a different number of GPUs); RaSA/LoRA only")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this global step (tests)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                         help="set by the deepspeed launcher")
@@ -61,13 +61,14 @@ def main(argv=None) -> int:
         return 2
     from rasa_megatron import trainer
 
-    if args.universal and not args.resume:
-        print("error: --universal needs --resume PATH", file=sys.stderr)
+    if args.portable and not args.resume:
+        print("error: --portable needs --resume [PATH]", file=sys.stderr)
         return 2
-    state = trainer.setup(recipe, load_universal=args.universal)
+    state = trainer.setup(recipe)
     start = 0
     if args.resume:
-        start = trainer.load_checkpoint(state, None if args.resume == "latest" else args.resume)
+        load = trainer.load_portable_checkpoint if args.portable else trainer.load_checkpoint
+        start = load(state, None if args.resume == "latest" else args.resume)
     trainer.train(state, start_step=start, stop_step=args.stop_after)
     if args.stop_after is not None and args.stop_after < state.total_steps:
         trainer.save_checkpoint(state, args.stop_after)

@@ -26,10 +26,11 @@ from .data import collate, global_batch_plan, load_raw_dataset, micro_batches_fo
 from .inject import apply_rasa, rasa_config_of
 from .recipe import Recipe, validate_recipe
 from .train_utils import peak_rss_mib
-from .zero3 import (keep_pools_resident, resolve_checkpoint, rng_file, rng_state, save_adapter_distributed,
+from .zero3 import (keep_pools_resident, load_portable_state, resolve_checkpoint, save_portable_state, rng_file, rng_state, save_adapter_distributed,
                     set_rng_state)
 
 CHECKPOINTS = "checkpoints"
+PORTABLE = "portable"
 METRICS = "metrics.csv"
 METRIC_FIELDS = ("step", "epoch", "loss", "lr", "tokens", "tokens_per_s_per_gpu", "step_seconds", "peak_mem_mib")
 
@@ -169,13 +170,8 @@ class TrainState:
     grad_accum: int
 
 
-def setup(recipe: Recipe, dist_backend: str | None = None, resident_pools: bool = True,
-          load_universal: bool = False) -> TrainState:
-    """Initialise distributed, data, model and the DeepSpeed engine (recipe already validated).
-
-    ``load_universal``: the checkpoint to resume from is a DeepSpeed *universal* checkpoint
-    (``ds_to_universal``), which is how a run resumes on a different world size.
-    """
+def setup(recipe: Recipe, dist_backend: str | None = None, resident_pools: bool = True) -> TrainState:
+    """Initialise distributed, data, model and the DeepSpeed engine (recipe already validated)."""
     import deepspeed
 
     backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -183,8 +179,6 @@ def setup(recipe: Recipe, dist_backend: str | None = None, resident_pools: bool 
     rank, world_size = world()
     grad_accum = validate_recipe(recipe, world_size)
     ds_config = deepspeed_config(recipe, grad_accum)
-    if load_universal:
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     tokenizer = load_tokenizer(recipe)
     # rank 0 builds the datasets cache first; the others then read it
     if rank != 0:
@@ -227,6 +221,10 @@ def save_checkpoint(state: TrainState, step: int) -> Path:
     tag = f"step{step:07d}"
     state.engine.save_checkpoint(str(out), tag=tag, client_state={"global_step": step})
     torch.save(rng_state(), rng_file(out, tag, rank))
+    if state.recipe.rasa_config() is not None:
+        save_portable_state(state.engine, out / tag / PORTABLE, {
+            "global_step": step, "global_batch_size": state.recipe.train.global_batch_size,
+            "scheduler": state.engine.lr_scheduler.state_dict()})
     if rank == 0:
         (out / tag / "recipe.json").write_text(json.dumps(state.recipe.to_dict(), indent=2))
         if state.recipe.rasa_config() is not None:
@@ -255,6 +253,28 @@ def load_checkpoint(state: TrainState, path: str | os.PathLike | None = None) ->
         set_rng_state(torch.load(rng, weights_only=False))
     elif rank == 0:
         print(f"warning: {rng} missing (resumed on another world size?); RNG not restored", file=sys.stderr)
+    return step
+
+
+def load_portable_checkpoint(state: TrainState, path: str | os.PathLike | None = None) -> int:
+    """Resume on any world size from the portable state saved beside a checkpoint: adapter fp32
+    masters, optimizer states, scheduler and step (not the per-rank RNG streams, which belong to
+    the old ranks; with dropout the continuation is statistically, not bitwise, the same)."""
+    try:
+        root, tag = resolve_checkpoint(path or Path(state.recipe.output.dir) / CHECKPOINTS)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: cannot resume: {err}") from err
+    meta = load_portable_state(state.engine, root / tag / PORTABLE)
+    if meta["global_batch_size"] != state.recipe.train.global_batch_size:
+        raise SystemExit(f"error: the checkpoint was trained with global batch {meta['global_batch_size']}, "
+                         f"the recipe says {state.recipe.train.global_batch_size}; the data position would not match")
+    scheduler = state.engine.lr_scheduler
+    scheduler.load_state_dict(meta["scheduler"])
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # load_state_dict restores the schedule's position, not the optimizer's lr
+    step = int(meta["global_step"])
+    state.engine.global_steps = step
+    state.engine.global_samples = step * state.recipe.train.global_batch_size
     return step
 
 
