@@ -118,16 +118,9 @@ def tokenize_sft(example: dict, tokenizer, max_length: int = 256) -> dict:
 
 def collate_sft(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of tokenised examples; padding gets label ``-100`` and attention 0."""
-    width = max(len(f["input_ids"]) for f in features)
-    input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(features), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-    for row, feature in enumerate(features):
-        n = len(feature["input_ids"])
-        input_ids[row, :n] = torch.tensor(feature["input_ids"])
-        labels[row, :n] = torch.tensor(feature["labels"])
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    from ..data import collate
+
+    return collate(features, pad_token_id)
 
 
 @torch.no_grad()
