@@ -3,11 +3,12 @@ from .adapter import AdapterFormatError, export_peft_lora, load_adapter, save_ad
 from .config import LLAMA_LINEARS, RaSAConfig
 from .inject import (adapter_state_dict, apply_rasa, merge_adapter, merge_and_unload, rasa_layers,
                      unmerge_adapter)
+from .experts import RaSAExperts, RaSAExpertWeights
 from .layers import RaSALinear
 from .pool import RankPool
 
 __all__ = [
-    "AdapterFormatError", "LLAMA_LINEARS", "RaSAConfig", "RaSALinear", "RankPool", "adapter_state_dict",
+    "AdapterFormatError", "LLAMA_LINEARS", "RaSAConfig", "RaSAExperts", "RaSAExpertWeights", "RaSALinear", "RankPool", "adapter_state_dict",
     "apply_rasa", "export_peft_lora", "load_adapter", "merge_adapter", "merge_and_unload", "rasa_layers",
     "save_adapter", "unmerge_adapter",
 ]

@@ -90,6 +90,14 @@ def _require_unmerged(model: nn.Module, action: str) -> None:
                          "or save the merged model with save_pretrained after merge_and_unload")
 
 
+def _module_type_meta(mtype) -> dict:
+    meta = {"in_features": mtype.in_features, "out_features": mtype.out_features,
+            "layer_indices": list(mtype.layer_indices)}
+    if mtype.num_experts:
+        meta["num_experts"] = mtype.num_experts
+    return meta
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapter of ``model`` to directory ``path`` (safetensors + JSON, atomically).
 
@@ -111,8 +119,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
             "rasa_config": config.to_dict(),
             "base_model": _base_model_identity(model),
             "layers_path": layers_path,
-            "module_types": {p: {"in_features": m.in_features, "out_features": m.out_features,
-                                 "layer_indices": list(m.layer_indices)} for p, m in module_types.items()},
+            "module_types": {p: _module_type_meta(m) for p, m in module_types.items()},
             "adapter_dtype": dtypes.pop() if len(dtypes) == 1 else sorted(dtypes),
             "weights_file": WEIGHTS_FILE,
             "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
@@ -165,12 +172,11 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise AdapterFormatError(f"adapter at {path} was trained on a {saved_type!r} model; "
                                  f"the given base model is {model_type!r}")
     layers_path, _ = decoder_layers(base_model)
-    module_types = discover_module_types(base_model, config.target_modules)
+    module_types = discover_module_types(base_model, config.target_modules, config.target_parameters)
     saved_types = meta["module_types"]
     for type_path in sorted(set(saved_types) | set(module_types)):
         saved, mtype = saved_types.get(type_path), module_types.get(type_path)
-        here = None if mtype is None else {"in_features": mtype.in_features, "out_features": mtype.out_features,
-                                           "layer_indices": list(mtype.layer_indices)}
+        here = None if mtype is None else _module_type_meta(mtype)
         if saved != here:
             raise AdapterFormatError(f"adapter at {path} does not fit the base model: module type "
                                      f"{type_path!r} is {saved} in the adapter but {here} in the model")
@@ -196,19 +202,42 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return base_model
 
 
+def _peft_expert_prefix(model: nn.Module, name: str, layer) -> str:
+    """PEFT's key prefix for a stacked expert weight: PEFT nests one ``ParamWrapper`` per targeted
+    parameter of a module, the first registered innermost, so the weight ``j`` places before the last
+    targeted one sits ``j`` levels of ``base_layer.`` deep (checked against real PEFT in the tests)."""
+    experts_path = name.rpartition(".")[0]
+    wrapper = model.get_submodule(experts_path)
+    targeted = [pname for pname, _ in wrapper.base_layer.named_parameters(recurse=False)
+                if pname in wrapper._modules]
+    depth = len(targeted) - 1 - targeted.index(layer.weight_name)
+    return f"base_model.model.{experts_path}." + "base_layer." * depth
+
+
 def peft_lora_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """PEFT LoRA tensors of the RaSA update and the rank of each module path.
 
+    Linears: ``base_model.model.<path>.lora_A.weight: [R, in]`` and ``...lora_B.weight: [out, R]``.
+    Stacked expert weights ``[E, out, in]`` (PEFT ``target_parameters``): ``lora_A: [E*R, in]``
+    expert-major and ``lora_B: [out, R*E]`` with column ``ρ*E + e`` holding rank ``ρ`` of expert
+    ``e`` (PEFT's ``ParamWrapper`` layout), under the experts module's path.
+
     Returns:
-        ``{"base_model.model.<path>.lora_A.weight": [R, in], ...lora_B.weight: [out, R]}`` and
-        ``{<path>: R}``.
+        the tensors and ``{<unit path>: R}``.
     """
     tensors, ranks = {}, {}
     with torch.no_grad():
         for name, layer in rasa_layers(model).items():
             lora_A, lora_B = lora_factors(*layer._factors())
-            tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.detach().cpu().contiguous().clone()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.detach().cpu().contiguous().clone()
+            if getattr(layer, "num_experts", 0):
+                num_experts, rank = lora_A.shape[0], lora_A.shape[1]
+                prefix = _peft_expert_prefix(model, name, layer)
+                lora_A = lora_A.reshape(num_experts * rank, lora_A.shape[-1])
+                lora_B = lora_B.permute(1, 2, 0).reshape(lora_B.shape[1], rank * num_experts)
+            else:
+                prefix = f"base_model.model.{name}."
+            tensors[f"{prefix}lora_A.weight"] = lora_A.detach().cpu().contiguous().clone()
+            tensors[f"{prefix}lora_B.weight"] = lora_B.detach().cpu().contiguous().clone()
             ranks[name] = layer.effective_rank
     return tensors, ranks
 
@@ -217,8 +246,10 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, base_model_name_
     """Write the RaSA update of ``model`` as a standard PEFT LoRA adapter directory.
 
     Loaded with ``peft.PeftModel.from_pretrained(base, path)`` it reproduces the RaSA model. The rank
-    is ``R = r - k + L k`` (serving stacks need ``max_lora_rank >= R``); module types with another
-    ``L`` get their rank through ``rank_pattern``/``alpha_pattern``.
+    is ``R = r - k + L k`` (serving stacks need ``max_lora_rank >= R``); linear module types with
+    another ``L`` get their rank through ``rank_pattern``/``alpha_pattern``. Stacked expert weights
+    go to PEFT's ``target_parameters``; PEFT cannot apply dropout there, so such an export records
+    ``lora_dropout = 0`` (inference is unaffected; dropout only acts in training).
     """
     from peft import LoraConfig
 
@@ -226,16 +257,25 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, base_model_name_
     _require_unmerged(model, "export a PEFT adapter")
     tensors, ranks = peft_lora_tensors(model)
     layers_path, _ = decoder_layers(model)
+    units = rasa_layers(model)
     rank_by_type = {module_type_of(name, layers_path): rank for name, rank in ranks.items()}
-    leaves = [p.rsplit(".", 1)[-1] for p in rank_by_type]
+    expert_types = sorted({module_type_of(name, layers_path) for name, unit in units.items()
+                           if getattr(unit, "num_experts", 0)})
+    linear_ranks = {p: r for p, r in rank_by_type.items() if p not in expert_types}
+    leaves = [p.rsplit(".", 1)[-1] for p in linear_ranks]
     target_names = {p: (p.rsplit(".", 1)[-1] if leaves.count(p.rsplit(".", 1)[-1]) == 1 else p)
-                    for p in rank_by_type}
+                    for p in linear_ranks}
     common_rank = Counter(rank_by_type.values()).most_common(1)[0][0]
-    pattern = {target_names[p]: rank for p, rank in rank_by_type.items() if rank != common_rank}
+    odd_experts = {p: rank_by_type[p] for p in expert_types if rank_by_type[p] != common_rank}
+    if odd_experts:
+        raise ValueError(f"cannot export expert weights {odd_experts} whose effective rank differs from the "
+                         f"adapter's common rank {common_rank}: PEFT's rank_pattern does not reach target_parameters")
+    pattern = {target_names[p]: rank for p, rank in linear_ranks.items() if rank != common_rank}
     identity = _base_model_identity(model)
     lora_config = LoraConfig(
         r=common_rank, lora_alpha=common_rank, rank_pattern=pattern, alpha_pattern=dict(pattern),
-        target_modules=sorted(target_names.values()), lora_dropout=config.dropout, bias="none",
+        target_modules=sorted(target_names.values()) or None, target_parameters=expert_types or None,
+        lora_dropout=0.0 if expert_types else config.dropout, bias="none",
         task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path or identity["name_or_path"],
     )
     with _atomic_directory_write(path) as tmp:

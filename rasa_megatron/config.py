@@ -25,7 +25,11 @@ class RaSAConfig:
             ``alpha / (2 L k)`` on pooled ranks (paper eq. 6).
         dropout: dropout probability on the adapter input, ``0 <= dropout < 1``.
         target_modules: names of the linear layers inside each decoder layer to adapt
-            (matched against the last component of the module path).
+            (matched against the last component of the module path); may be empty when
+            ``target_parameters`` is not.
+        target_parameters: stacked MoE expert weights to adapt, as in PEFT: a dotted suffix of
+            ``<module path>.<parameter name>`` inside a decoder layer, e.g.
+            ``"mlp.experts.gate_up_proj"`` or ``"experts.down_proj"`` (transformers 5 Mixtral).
     """
 
     r: int = 8
@@ -33,6 +37,7 @@ class RaSAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = field(default=LLAMA_LINEARS)
+    target_parameters: tuple[str, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -48,17 +53,19 @@ class RaSAConfig:
         object.__setattr__(self, "alpha", float(self.alpha))
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"RaSAConfig.dropout must be in [0, 1), got dropout={self.dropout!r}")
-        if isinstance(self.target_modules, str):
-            raise ValueError(
-                "RaSAConfig.target_modules must be a sequence of module names, "
-                f"got the string {self.target_modules!r}; write ({self.target_modules!r},)"
-            )
-        names = tuple(self.target_modules)
-        if not names or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"RaSAConfig.target_modules must be non-empty names, got {names!r}")
-        if len(set(names)) != len(names):
-            raise ValueError(f"RaSAConfig.target_modules has duplicates: {names!r}")
-        object.__setattr__(self, "target_modules", names)
+        for attr in ("target_modules", "target_parameters"):
+            value = getattr(self, attr)
+            if isinstance(value, str):
+                raise ValueError(f"RaSAConfig.{attr} must be a sequence of names, got the string {value!r}; "
+                                 f"write ({value!r},)")
+            names = tuple(value)
+            if not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"RaSAConfig.{attr} must be non-empty names, got {names!r}")
+            if len(set(names)) != len(names):
+                raise ValueError(f"RaSAConfig.{attr} has duplicates: {names!r}")
+            object.__setattr__(self, attr, names)
+        if not self.target_modules and not self.target_parameters:
+            raise ValueError("RaSAConfig needs non-empty target_modules or target_parameters; both are empty")
 
     @property
     def private_rank(self) -> int:
@@ -76,6 +83,7 @@ class RaSAConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["target_modules"] = list(self.target_modules)
+        out["target_parameters"] = list(self.target_parameters)
         return out
 
     @classmethod
@@ -85,6 +93,7 @@ class RaSAConfig:
         if unknown:
             raise ValueError(f"unknown RaSAConfig keys {unknown}; valid keys are {sorted(known)}")
         data = dict(data)
-        if "target_modules" in data:
-            data["target_modules"] = tuple(data["target_modules"])
+        for attr in ("target_modules", "target_parameters"):
+            if attr in data:
+                data[attr] = tuple(data[attr])
         return cls(**data)

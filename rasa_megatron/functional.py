@@ -10,6 +10,8 @@ Notation (paper eq. 2-5), for one linear layer ``W: [b, a]`` (``b = out_features
 
 The update is ``ΔW_i = [B_private | B_shared] · diag(D_i) · [A_private ; A_shared]``.
 Either part may be ``None`` (``k = 0``: no pool; ``k = r``: no private ranks).
+:func:`lora_factors` and :func:`rasa_delta` also take a leading experts dimension (``A_private:
+[E, r-k, a]``, ``B_private: [E, b, r-k]``, ``diag: [E, r-k+L*k]``, ...) for stacked MoE expert weights.
 Every other path in the project (layers, merge, export, parallel layers, kernels) calls these
 functions or is tested against them.
 """
@@ -23,7 +25,7 @@ from torch import Tensor
 
 
 def _private_width(A_private: Tensor | None) -> int:
-    return 0 if A_private is None else A_private.shape[0]
+    return 0 if A_private is None else A_private.shape[-2]
 
 
 def _check_factors(A_private, B_private, A_shared, B_shared, diag) -> None:
@@ -31,9 +33,10 @@ def _check_factors(A_private, B_private, A_shared, B_shared, diag) -> None:
         raise ValueError("A and B of the private part (and of the pool) must both be given or both be None")
     if A_private is None and A_shared is None:
         raise ValueError("RaSA needs a private part, a pool, or both; got neither")
-    width = _private_width(A_private) + (0 if A_shared is None else A_shared.shape[0])
-    if diag.shape != (width,):
-        raise ValueError(f"diag must have shape [{width}] (private + pooled ranks), got {tuple(diag.shape)}")
+    width = _private_width(A_private) + (0 if A_shared is None else A_shared.shape[-2])
+    lead = (A_private if A_private is not None else A_shared).shape[:-2]
+    if diag.shape != (*lead, width):
+        raise ValueError(f"diag must have shape {[*lead, width]} (private + pooled ranks), got {list(diag.shape)}")
 
 
 def rasa_linear(
@@ -100,13 +103,14 @@ def lora_factors(
 
     Returns:
         ``lora_A: [R, a] = [A_private ; A_shared]`` and
-        ``lora_B: [b, R] = [B_private | B_shared] · diag(D)``, so ``ΔW = lora_B · lora_A``.
+        ``lora_B: [b, R] = [B_private | B_shared] · diag(D)``, so ``ΔW = lora_B · lora_A``
+        (``[E, R, a]`` and ``[E, b, R]`` for stacked expert factors).
     """
     _check_factors(A_private, B_private, A_shared, B_shared, diag)
     A_parts = [t for t in (A_private, A_shared) if t is not None]
     B_parts = [t for t in (B_private, B_shared) if t is not None]
-    lora_A = torch.cat(A_parts, dim=0)
-    lora_B = torch.cat(B_parts, dim=1) * diag.to(B_parts[0].dtype)
+    lora_A = torch.cat(A_parts, dim=-2)
+    lora_B = torch.cat(B_parts, dim=-1) * diag.to(B_parts[0].dtype).unsqueeze(-2)
     return lora_A, lora_B
 
 
@@ -117,7 +121,8 @@ def rasa_delta(
     B_shared: Tensor | None,
     diag: Tensor,
 ) -> Tensor:
-    """Dense update ``ΔW = [B_private | B_shared] · diag(D) · [A_private ; A_shared]``: ``[b, a]``."""
+    """Dense update ``ΔW = [B_private | B_shared] · diag(D) · [A_private ; A_shared]``: ``[b, a]``
+    (``[E, b, a]`` for stacked expert factors)."""
     lora_A, lora_B = lora_factors(A_private, B_private, A_shared, B_shared, diag)
     return lora_B @ lora_A
 

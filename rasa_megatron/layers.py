@@ -8,7 +8,34 @@ from .functional import initial_diag, kaiming_init_, rasa_delta, rasa_linear
 from .pool import RankPool
 
 
-class RaSALinear(nn.Module):
+class MergeableUpdate:
+    """Merge/unmerge of ``delta_weight()`` into ``_base_weight()`` (shared by the adapter units)."""
+
+    merged: bool
+    layer_index: int
+
+    @torch.no_grad()
+    def _add_delta_to_weight(self, sign: float) -> None:
+        weight = self._base_weight()
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        weight.copy_((weight.to(compute) + sign * self.delta_weight().to(compute)).to(weight.dtype))
+
+    def merge(self) -> None:
+        """Add ΔW into the base weight (computed in fp32 or better, then cast)."""
+        if self.merged:
+            raise RuntimeError(f"layer {self.layer_index}: RaSA update is already merged")
+        self._add_delta_to_weight(1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract ΔW from the base weight again (exact up to the base dtype's rounding)."""
+        if not self.merged:
+            raise RuntimeError(f"layer {self.layer_index}: RaSA update is not merged")
+        self._add_delta_to_weight(-1.0)
+        self.merged = False
+
+
+class RaSALinear(MergeableUpdate, nn.Module):
     """``y = base(x) + [B_private | B_S] diag(D) [A_private ; A_S] dropout(x)``.
 
     Args:
@@ -88,25 +115,8 @@ class RaSALinear(nn.Module):
         adapter_input = self.dropout(x).to(self.diag.dtype)
         return result + rasa_linear(adapter_input, *self._factors()).to(result.dtype)
 
-    @torch.no_grad()
-    def _add_delta_to_weight(self, sign: float) -> None:
-        weight = self.base_layer.weight
-        compute = torch.promote_types(weight.dtype, torch.float32)
-        weight.copy_((weight.to(compute) + sign * self.delta_weight().to(compute)).to(weight.dtype))
-
-    def merge(self) -> None:
-        """Add ΔW into the base weight (computed in fp32 or better, then cast)."""
-        if self.merged:
-            raise RuntimeError(f"layer {self.layer_index}: RaSA update is already merged")
-        self._add_delta_to_weight(1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Subtract ΔW from the base weight again (exact up to the base dtype's rounding)."""
-        if not self.merged:
-            raise RuntimeError(f"layer {self.layer_index}: RaSA update is not merged")
-        self._add_delta_to_weight(-1.0)
-        self.merged = False
+    def _base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

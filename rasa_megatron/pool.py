@@ -14,13 +14,17 @@ class RankPool(nn.Module):
     module type holds an unregistered reference to it, so the pool appears once in the state dict
     and in the optimizer, and its gradient is the sum over layers.
 
+    For stacked MoE expert weights (``num_experts = E``) there is one pool per expert index:
+    expert ``e`` of every layer shares ``A_shared[e]`` / ``B_shared[e]``.
+
     Attributes:
-        A_shared: ``[pool_rank, in_features]``, Kaiming-uniform at init.
-        B_shared: ``[out_features, pool_rank]``, zeros at init.
+        A_shared: ``[pool_rank, in_features]`` (``[E, pool_rank, in_features]``), Kaiming-uniform.
+        B_shared: ``[out_features, pool_rank]`` (``[E, out_features, pool_rank]``), zeros at init.
     """
 
     def __init__(self, in_features: int, out_features: int, pool_rank: int, num_layers: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 num_experts: int = 0):
         super().__init__()
         if pool_rank <= 0:
             raise ValueError(f"a RankPool needs pool_rank >= 1, got {pool_rank}")
@@ -28,17 +32,21 @@ class RankPool(nn.Module):
         self.out_features = out_features
         self.pool_rank = pool_rank
         self.num_layers = num_layers
-        self.A_shared = nn.Parameter(torch.empty(pool_rank, in_features, dtype=dtype, device=device))
-        self.B_shared = nn.Parameter(torch.empty(out_features, pool_rank, dtype=dtype, device=device))
+        self.num_experts = num_experts
+        lead = (num_experts,) if num_experts else ()
+        self.A_shared = nn.Parameter(torch.empty(*lead, pool_rank, in_features, dtype=dtype, device=device))
+        self.B_shared = nn.Parameter(torch.empty(*lead, out_features, pool_rank, dtype=dtype, device=device))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         if self.A_shared.device.type == "meta":
             return
-        kaiming_init_(self.A_shared, generator)
+        for A in (self.A_shared if self.num_experts else [self.A_shared]):
+            kaiming_init_(A, generator)
         self.B_shared.zero_()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"pool_rank={self.pool_rank} ({self.num_layers} layers)")
+                f"pool_rank={self.pool_rank} ({self.num_layers} layers"
+                + (f", {self.num_experts} experts)" if self.num_experts else ")"))

@@ -59,7 +59,8 @@ class DataSection:
 
 @dataclass
 class AdapterSection:
-    """``method``: rasa | lora (RaSA with k=0) | full. Paper defaults: r=16, alpha 8 (math) / 32 (code)."""
+    """``method``: rasa | lora (RaSA with k=0) | full. Paper defaults: r=16, alpha 8 (math) / 32 (code).
+    ``target_parameters``: stacked MoE expert weights (e.g. ``mlp.experts.gate_up_proj``), see RaSAConfig."""
 
     method: str = "rasa"
     r: int = 16
@@ -67,6 +68,7 @@ class AdapterSection:
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
+    target_parameters: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -116,7 +118,8 @@ class Recipe:
         if a.method == "full":
             return None
         k = 0 if a.method == "lora" else a.k
-        return RaSAConfig(r=a.r, k=k, alpha=a.alpha, dropout=a.dropout, target_modules=tuple(a.target_modules))
+        return RaSAConfig(r=a.r, k=k, alpha=a.alpha, dropout=a.dropout, target_modules=tuple(a.target_modules),
+                          target_parameters=tuple(a.target_parameters))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -108,7 +108,9 @@ def build_model(recipe: Recipe, ds_config: dict | None):
         seed_everything(recipe.train.seed + 1)
         apply_rasa(model, rasa_config, adapter_dtype=dtype)
     if model.config.model_type in ("mixtral", "qwen2_moe", "qwen3_moe") and ds_config and zero_stage(ds_config) == 3:
-        mark_moe_blocks_as_leaf(model)
+        classes = mark_moe_blocks_as_leaf(model)
+        if world()[0] == 0:
+            print(f"ZeRO-3 leaf modules: {', '.join(c.__name__ for c in classes)}", flush=True)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

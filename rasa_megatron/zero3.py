@@ -61,10 +61,9 @@ def keep_pools_resident(engine, persistent: bool = True) -> list[nn.Parameter]:
     if persistent_list is None:
         raise RuntimeError("this DeepSpeed version does not expose optimizer.parameter_offload.persistent_parameters; "
                            "keep_pools_resident supports DeepSpeed ZeRO-3 >= 0.14")
-    for layer in rasa_layers(model).values():
-        if layer.pool is not None:
-            for param in (layer.pool.A_shared, layer.pool.B_shared):
-                deepspeed.zero.register_external_parameter(layer, param)
+    for reader, pool in pool_readers(model):
+        for param in (pool.A_shared, pool.B_shared):
+            deepspeed.zero.register_external_parameter(reader, param)
     if not persistent:
         return pools
     known = {id(p) for p in persistent_list}
@@ -78,6 +77,37 @@ def keep_pools_resident(engine, persistent: bool = True) -> list[nn.Parameter]:
     if unavailable:
         unavailable[0].all_gather(unavailable)
     return pools
+
+
+def pool_readers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """``(module whose forward hooks must fetch the pool, pool)`` for every adapter unit.
+
+    A :class:`RaSALinear` reads its pool in its own forward. A stacked-expert adapter is called from
+    its :class:`RaSAExperts`' forward; and when an ancestor is a ZeRO-3 leaf module (the sparse-MoE
+    block), DeepSpeed fetches parameters only at the outermost leaf (its own, recursively, plus its
+    external ones), so the pool is registered there.
+    """
+    from .experts import RaSAExpertWeights
+
+    try:
+        from deepspeed.utils import z3_leaf_module
+    except ImportError:  # pragma: no cover - DeepSpeed < 0.14
+        def z3_leaf_module(module):
+            return False
+    modules = dict(model.named_modules())
+    pairs = []
+    for name, unit in rasa_layers(model).items():
+        if unit.pool is None:
+            continue
+        reader_name = name.rpartition(".")[0] if isinstance(unit, RaSAExpertWeights) else name
+        parts = reader_name.split(".")
+        for depth in range(1, len(parts) + 1):  # outermost leaf ancestor wins
+            ancestor = ".".join(parts[:depth])
+            if z3_leaf_module(modules[ancestor]):
+                reader_name = ancestor
+                break
+        pairs.append((modules[reader_name], unit.pool))
+    return pairs
 
 
 class AllGatherCounter:

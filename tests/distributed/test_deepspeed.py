@@ -22,14 +22,14 @@ from ds_helpers import ROOT, launch, read_losses, write_recipe  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def _tiny_checkpoint(workspace):
-    """A saved tiny Llama (weights on disk) so both runs start from identical base weights."""
+def _tiny_checkpoint(workspace, name="tiny_llama"):
+    """A saved tiny model (weights on disk) so both runs start from identical base weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = workspace / "tiny_llama"
+    path = workspace / name
     if not path.exists():
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(workspace / "tiny_llama.json"))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(workspace / f"{name}.json"))
         model.save_pretrained(path)
     return str(path)
 
@@ -96,6 +96,39 @@ def test_zero2_adamw_via_deepspeed_launcher_matches_reference(workspace, tmp_pat
     ref_losses, ref_adapter = reference_run(recipe, 3)
     np.testing.assert_allclose(read_losses(out), ref_losses, rtol=1e-5)
     _assert_adapters_close(load_file(out / "adapter" / "rasa_adapter.safetensors"), ref_adapter, "adamw", recipe.train.lr)
+
+
+def test_zero3_tiny_mixtral_experts_match_reference(workspace, tmp_path):
+    """RaSA on attention and on the fused expert weights of a tiny Mixtral (4 experts, top-2) under
+    ZeRO-3 with the sparse-MoE block as a leaf module, 2 processes vs the single-process reference;
+    the PEFT export written under ZeRO-3 reproduces the reference adapter's logits in real PEFT."""
+    from peft import PeftModel
+    from reference import reference_run
+    from transformers import AutoModelForCausalLM
+
+    from rasa_megatron import load_adapter
+    from rasa_megatron.recipe import load_recipe
+
+    out = tmp_path / "run"
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    recipe_path = _recipe(workspace, out, model={"path": _tiny_checkpoint(workspace, "tiny_mixtral")},
+                          adapter={"target_modules": ["q_proj", "v_proj"], "target_parameters": experts},
+                          train={"max_steps": 3})
+    proc = launch(recipe_path, 2)
+    assert "ZeRO-3 leaf modules: MixtralSparseMoeBlock" in proc.stdout + proc.stderr
+    recipe = load_recipe(recipe_path)
+    ref_losses, ref_adapter = reference_run(recipe, 3)
+    np.testing.assert_allclose(read_losses(out), ref_losses, rtol=1e-5)
+    saved = load_file(out / "adapter" / "rasa_adapter.safetensors")
+    assert saved["rasa_pools.mlp.experts.down_proj.A_shared"].shape == (4, 2, 48)
+    _assert_adapters_close(saved, ref_adapter, "lion", recipe.train.lr)
+    assert saved["model.layers.1.mlp.experts.gate_up_proj.B_private"].abs().max() > 0
+    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = load_adapter(AutoModelForCausalLM.from_pretrained(recipe.model.path), out / "adapter").eval()(tokens).logits
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe.model.path),
+                                               out / "peft_adapter").eval()
+        torch.testing.assert_close(peft_model(tokens).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_resume_reproduces_uninterrupted_run(workspace, tmp_path):

@@ -39,6 +39,13 @@ def test_shipped_recipes_follow_the_paper_and_dry_run(name):
               "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
     want = sum(L * (r * (a + b) + r - k + L * k) for name_, (a, b) in shapes.items()
                if name_ in recipe.adapter.target_modules)
+    # stacked expert weights: the same per expert (E of them per layer)
+    experts = config.get("num_local_experts", 0)
+    expert_shapes = {"mlp.experts.gate_up_proj": (h, 2 * inter), "mlp.experts.down_proj": (inter, h)}
+    assert sorted(recipe.adapter.target_parameters) == (sorted(expert_shapes) if experts else [])
+    want += sum(L * experts * (r * (a + b) + r - k + L * k) for (a, b) in expert_shapes.values()) if experts else 0
+    for path in recipe.adapter.target_parameters:
+        assert f"effective rank {path}: {r - k + L * k}" in report
     assert counts.trainable == want
 
 
