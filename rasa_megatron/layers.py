@@ -18,7 +18,8 @@ class MergeableUpdate:
     def _add_delta_to_weight(self, sign: float) -> None:
         weight = self._base_weight()
         compute = torch.promote_types(weight.dtype, torch.float32)
-        weight.copy_((weight.to(compute) + sign * self.delta_weight().to(compute)).to(weight.dtype))
+        delta = self.delta_weight().to(compute).reshape(weight.shape)  # a fused weight's view may be 3-D
+        weight.copy_((weight.to(compute) + sign * delta).to(weight.dtype))
 
     def merge(self) -> None:
         """Add ΔW into the base weight (computed in fp32 or better, then cast)."""
