@@ -1,6 +1,9 @@
-"""RaSA for Megatron-core models (tensor / sequence parallel layers; see parallel_layers.py)."""
+"""RaSA for Megatron-core models: tensor/sequence-parallel layers, pools sharded across pipeline
+stages, post-build injection into GPT models (see parallel_layers.py and inject.py)."""
+from .inject import apply_rasa_megatron, load_hf_adapter_, megatron_rasa_units
 from .parallel_layers import (RaSAColumnParallelLinear, RaSARowParallelLinear, ShardedRankPool, ShardedRaSA,
-                              finalize_rasa_grads)
+                              finalize_rasa_grads, gather_pipeline_pools, reduce_scatter_pipeline_pool_grads)
 
 __all__ = ["RaSAColumnParallelLinear", "RaSARowParallelLinear", "ShardedRankPool", "ShardedRaSA",
-           "finalize_rasa_grads"]
+           "apply_rasa_megatron", "finalize_rasa_grads", "gather_pipeline_pools", "load_hf_adapter_",
+           "megatron_rasa_units", "reduce_scatter_pipeline_pool_grads"]

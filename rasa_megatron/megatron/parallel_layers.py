@@ -41,7 +41,6 @@ from torch import nn
 
 from ..functional import initial_diag, kaiming_init_, rasa_delta
 from ..layers import MergeableUpdate
-from ..pool import RankPool
 
 COLUMN, ROW = "column", "row"
 PARTIAL_GRAD_ATTR = "rasa_tp_partial_grad"
@@ -72,35 +71,86 @@ def _mark_partial(*params: nn.Parameter) -> None:
         setattr(param, PARTIAL_GRAD_ATTR, True)
 
 
-class ShardedRankPool(RankPool):
-    """The pool of one module type, sharded like its module: ``A_S: [Lk, in_local]``,
-    ``B_S: [out_local, Lk]`` (column: ``out_local = out / tp``; row: ``in_local = in / tp``).
+class ShardedRankPool(nn.Module):
+    """The pool of one module type, sharded like its module over TP and by layer over PP stages.
 
-    Initialised from the full-size init (Kaiming with the full fan-in) drawn from ``generator``, so
-    every TP rank holds a slice of the same pool a single process would hold.
+    The full pool (paper eq. 3) is ``A_S: [L k, in]``, ``B_S: [out, L k]``, rows/columns
+    ``[i k, (i+1) k)`` being the ranks layer ``i`` gave. This rank stores only the slices of the
+    layers it runs (``owned_layers``), TP-sharded like its module (column: ``out / tp``; row:
+    ``in / tp``):
+
+    Attributes:
+        A_shared: ``[len(owned_layers) k, in_local]`` this rank's slice (a parameter).
+        B_shared: ``[out_local, len(owned_layers) k]``.
+        full_A / full_B: the whole pool ``[L k, in_local]`` / ``[out_local, L k]`` while gathered
+            (:func:`gather_pipeline_pools`, once per optimizer step); with one stage, the parameters.
+
+    Initialised from the full-size init (Kaiming with the full fan-in, zeros for B) drawn from
+    ``generator``, so every layout holds slices of the same pool a single process would.
     """
 
     def __init__(self, in_features: int, out_features: int, pool_rank: int, num_layers: int, parallel: str,
-                 tp_rank: int, tp_size: int, dtype=torch.float32, generator: torch.Generator | None = None):
+                 tp_rank: int, tp_size: int, dtype=torch.float32, generator: torch.Generator | None = None,
+                 owned_layers: tuple[int, ...] | None = None):
+        super().__init__()
         if parallel not in (COLUMN, ROW):
             raise ValueError(f"parallel must be {COLUMN!r} or {ROW!r}, got {parallel!r}")
+        if pool_rank <= 0 or pool_rank % num_layers:
+            raise ValueError(f"pool_rank = {pool_rank} must be a positive multiple of num_layers = {num_layers}")
         self.parallel, self.tp_rank, self.tp_size = parallel, tp_rank, tp_size
         self.full_in_features, self.full_out_features = in_features, out_features
-        in_local = check_divisible(in_features, tp_size, "in_features", "tensor-parallel size") if parallel == ROW \
-            else in_features
-        out_local = check_divisible(out_features, tp_size, "out_features", "tensor-parallel size") \
+        self.in_features = check_divisible(in_features, tp_size, "in_features", "tensor-parallel size") \
+            if parallel == ROW else in_features
+        self.out_features = check_divisible(out_features, tp_size, "out_features", "tensor-parallel size") \
             if parallel == COLUMN else out_features
-        self._generator = generator
-        super().__init__(in_local, out_local, pool_rank, num_layers, dtype=dtype)
-        _mark_partial(*((self.A_shared,) if parallel == COLUMN else (self.B_shared,)))
+        self.num_layers, self.pool_rank, self.rank_per_layer = num_layers, pool_rank, pool_rank // num_layers
+        self.owned_layers = tuple(range(num_layers)) if owned_layers is None else tuple(sorted(owned_layers))
+        if not self.owned_layers or not all(0 <= i < num_layers for i in self.owned_layers):
+            raise ValueError(f"owned_layers {owned_layers} must be a non-empty subset of range({num_layers})")
+        local_rank = len(self.owned_layers) * self.rank_per_layer
+        self.A_shared = nn.Parameter(torch.empty(local_rank, self.in_features, dtype=dtype))
+        self.B_shared = nn.Parameter(torch.empty(self.out_features, local_rank, dtype=dtype))
+        _mark_partial(self.A_shared if parallel == COLUMN else self.B_shared)
+        self.full_A = self.full_B = None
+        self.reset_parameters(generator)
+
+    @property
+    def is_whole(self) -> bool:
+        """Whether this rank owns every layer's slice (no pipeline sharding)."""
+        return len(self.owned_layers) == self.num_layers
+
+    def owned_rows(self) -> torch.Tensor:
+        """Indices into the full pool's ``L k`` ranks of this rank's slice, in slice order."""
+        k = self.rank_per_layer
+        return torch.tensor([i * k + j for i in self.owned_layers for j in range(k)], dtype=torch.long)
+
+    @torch.no_grad()
+    def load_full_(self, A_full: torch.Tensor, B_full: torch.Tensor) -> None:
+        """Copy this rank's slice of the full single-process pool ``A [Lk, in]``, ``B [out, Lk]`` in."""
+        rows = self.owned_rows()
+        A = A_full.index_select(0, rows)
+        B = B_full.index_select(1, rows)
+        self.A_shared.copy_(shard_of(A, 1, self.tp_rank, self.tp_size) if self.parallel == ROW else A)
+        self.B_shared.copy_(shard_of(B, 0, self.tp_rank, self.tp_size) if self.parallel == COLUMN else B)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        generator = generator or getattr(self, "_generator", None)
         full_A = torch.empty(self.pool_rank, self.full_in_features, dtype=self.A_shared.dtype)
         kaiming_init_(full_A, generator)
-        self.A_shared.copy_(shard_of(full_A, 1, self.tp_rank, self.tp_size) if self.parallel == ROW else full_A)
-        self.B_shared.zero_()
+        self.load_full_(full_A, torch.zeros(self.full_out_features, self.pool_rank, dtype=self.B_shared.dtype))
+
+    def pool_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_S [Lk, in_local], B_S [out_local, Lk])`` of the whole pool, for the layers' forward."""
+        if self.is_whole:
+            return self.A_shared, self.B_shared
+        if self.full_A is None:
+            raise RuntimeError("the pipeline-sharded pool is not gathered: call gather_pipeline_pools(model) "
+                               "once per optimizer step before the first forward")
+        return self.full_A, self.full_B
+
+    def extra_repr(self) -> str:
+        return (f"{self.parallel}, in_local={self.in_features}, out_local={self.out_features}, "
+                f"pool_rank={self.pool_rank}, owned_layers={list(self.owned_layers)}")
 
 
 class ShardedRaSA(MergeableUpdate, nn.Module):
@@ -163,17 +213,16 @@ class ShardedRaSA(MergeableUpdate, nn.Module):
 
     def factors(self):
         """``(A [R, in_local], B [out_local, R])``: private and pooled ranks concatenated."""
-        pool = self.pool
-        A_parts = [t for t in (self.A_private, None if pool is None else pool.A_shared) if t is not None]
-        B_parts = [t for t in (self.B_private, None if pool is None else pool.B_shared) if t is not None]
+        A_S, B_S = (None, None) if self.pool is None else self.pool.pool_factors()
+        A_parts = [t for t in (self.A_private, A_S) if t is not None]
+        B_parts = [t for t in (self.B_private, B_S) if t is not None]
         A = A_parts[0] if len(A_parts) == 1 else torch.cat(A_parts, dim=0)
         B = B_parts[0] if len(B_parts) == 1 else torch.cat(B_parts, dim=1)
         return A, B
 
     def local_factors(self):
-        pool = self.pool
-        return (self.A_private, self.B_private, None if pool is None else pool.A_shared,
-                None if pool is None else pool.B_shared, self.diag)
+        A_S, B_S = (None, None) if self.pool is None else self.pool.pool_factors()
+        return (self.A_private, self.B_private, A_S, B_S, self.diag)
 
     def delta_weight(self) -> torch.Tensor:
         """This rank's ``ΔW`` shard: column ``[out/tp, in]``; row ``[out, in/tp]``."""
@@ -181,7 +230,8 @@ class ShardedRaSA(MergeableUpdate, nn.Module):
 
     @torch.no_grad()
     def load_full_(self, A_private, B_private, A_shared, B_shared, diag) -> None:
-        """Copy this rank's slice of full-size (single-process) factors in; the pool's too."""
+        """Copy this rank's slice of full-size (single-process) factors in; the pool's too
+        (``A_shared``/``B_shared`` the whole single-process pool)."""
         dim_A, dim_B = (1, None) if self.parallel == ROW else (None, 0)
 
         def take(t, dim):
@@ -191,8 +241,7 @@ class ShardedRaSA(MergeableUpdate, nn.Module):
             self.A_private.copy_(take(A_private, dim_A))
             self.B_private.copy_(take(B_private, dim_B))
         if self.pool is not None:
-            self.pool.A_shared.copy_(take(A_shared, dim_A))
-            self.pool.B_shared.copy_(take(B_shared, dim_B))
+            self.pool.load_full_(A_shared, B_shared)
         self.diag.copy_(diag)
 
     def _base_weight(self) -> torch.Tensor:
@@ -201,30 +250,7 @@ class ShardedRaSA(MergeableUpdate, nn.Module):
         return self._base_weight_fn()
 
 
-class _FusedOutput:
-    """How adapter outputs of one fused projection are placed in the base layer's local output."""
-
-    def __init__(self, kind: str, query_groups_local: int = 0, heads_per_group: int = 0, head_dim: int = 0):
-        self.kind, self.query_groups_local = kind, query_groups_local
-        self.heads_per_group, self.head_dim = heads_per_group, head_dim
-
-    def combine(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        if self.kind == "qkv":
-            q, k, v = outputs
-            lead = q.shape[:-1]
-            g, d = self.query_groups_local, self.head_dim
-            fused = torch.cat([q.reshape(*lead, g, self.heads_per_group * d), k.reshape(*lead, g, d),
-                               v.reshape(*lead, g, d)], dim=-1)
-            return fused.reshape(*lead, -1)
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-
-    def split_weight(self, weight: torch.Tensor) -> list[torch.Tensor]:
-        """Views of the local fused base weight, one per adapted HF module, in ``combine`` order."""
-        if self.kind == "qkv":
-            g, d, hpg = self.query_groups_local, self.head_dim, self.heads_per_group
-            grouped = weight.view(g, (hpg + 2) * d, weight.shape[-1])
-            return [grouped[:, : hpg * d], grouped[:, hpg * d: (hpg + 1) * d], grouped[:, (hpg + 1) * d:]]
-        return list(weight.chunk(2, dim=0)) if self.kind == "glu" else [weight]
+FUSED_PARTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "glu": ("gate_proj", "up_proj")}
 
 
 class RaSAColumnParallelLinear(nn.Module):
@@ -232,46 +258,93 @@ class RaSAColumnParallelLinear(nn.Module):
 
     Args:
         base_layer: the Megatron layer (``gather_output`` and ``skip_bias_add`` are honoured).
-        adapters: ``{hf name: ShardedRaSA}`` (column), in output order: one for a plain
-            projection, ``q, k, v`` for ``linear_qkv`` (``layout="qkv"``), ``gate, up`` for SwiGLU
-            ``linear_fc1`` (``layout="glu"``).
-        query_groups_local, heads_per_group, head_dim: the ``qkv`` layout on this TP rank.
+        adapters: ``{hf name: ShardedRaSA}`` (column). ``layout="plain"``: exactly one.
+            ``layout="qkv"`` (``linear_qkv``): any of ``q_proj, k_proj, v_proj``;
+            ``layout="glu"`` (SwiGLU ``linear_fc1``): any of ``gate_proj, up_proj``; parts without an
+            adapter get no update.
+        query_groups_local, heads_per_group, head_dim: the ``qkv`` layout on this TP rank: per query
+            group, its ``heads_per_group`` query heads, then its key head, then its value head.
     """
 
     def __init__(self, base_layer: nn.Module, adapters: dict[str, ShardedRaSA], layout: str = "plain",
                  query_groups_local: int = 0, heads_per_group: int = 0, head_dim: int = 0):
         super().__init__()
+        if layout not in ("plain", *FUSED_PARTS):
+            raise ValueError(f"layout must be 'plain', 'qkv' or 'glu', got {layout!r}")
+        self.layout = layout
+        self.parts = FUSED_PARTS.get(layout, tuple(adapters))
+        unknown = sorted(set(adapters) - set(self.parts))
+        if not adapters or unknown or (layout == "plain" and len(adapters) != 1):
+            raise ValueError(f"layout {layout!r} takes adapters for {list(self.parts) if layout != 'plain' else 'one module'}"
+                             f", got {list(adapters)}")
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict(adapters)
-        self.fused = _FusedOutput(layout, query_groups_local, heads_per_group, head_dim)
-        want = {"plain": 1, "qkv": 3, "glu": 2}[layout]
-        if len(adapters) != want:
-            raise ValueError(f"layout {layout!r} needs {want} adapters, got {list(adapters)}")
-        local = sum(a.out_local for a in adapters.values())
-        if local != base_layer.weight.shape[0]:
-            raise ValueError(f"adapters cover {local} local output rows, the base layer has {base_layer.weight.shape[0]}")
-        layer = self
-        for index, adapter in enumerate(adapters.values()):
+        self.query_groups_local, self.heads_per_group, self.head_dim = query_groups_local, heads_per_group, head_dim
+        rows = base_layer.weight.shape[0]
+        self.part_rows = self._part_rows(rows)
+        for name, adapter in adapters.items():
             if adapter.parallel != COLUMN:
                 raise ValueError("RaSAColumnParallelLinear needs column adapters")
-
-            def view(index=index):  # merge/unmerge write into this adapter's rows of the fused weight
-                return layer.fused.split_weight(layer.base_layer.weight)[index]
+            if adapter.out_local != self.part_rows[name]:
+                raise ValueError(f"adapter {name!r} has {adapter.out_local} local output rows, the base layer's "
+                                 f"{name} part has {self.part_rows[name]}")
+        layer = self
+        for name, adapter in adapters.items():
+            def view(name=name):  # merge/unmerge write into this adapter's rows of the fused weight
+                return layer.split_weight(layer.base_layer.weight)[name]
             object.__setattr__(adapter, "_base_weight_fn", view)
 
-    def adapter_output(self, total_input: torch.Tensor) -> torch.Tensor:
-        """Fused local adapter output ``[..., out_local]`` from the total input ``[..., in]``."""
-        active = list(self.adapters.values())
+    def _part_rows(self, rows: int) -> dict[str, int]:
+        if self.layout == "qkv":
+            g, hpg, d = self.query_groups_local, self.heads_per_group, self.head_dim
+            if g * (hpg + 2) * d != rows:
+                raise ValueError(f"qkv layout {g} groups x ({hpg} query heads + 2) x head_dim {d} = "
+                                 f"{g * (hpg + 2) * d} rows, the base layer has {rows}")
+            return {"q_proj": g * hpg * d, "k_proj": g * d, "v_proj": g * d}
+        if self.layout == "glu":
+            if rows % 2:
+                raise ValueError(f"a SwiGLU fc1 needs an even number of local rows, got {rows}")
+            return {"gate_proj": rows // 2, "up_proj": rows // 2}
+        return {self.parts[0]: rows}
+
+    def split_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of the local fused weight ``[rows, in]`` per HF module (q/k/v views are 3-D)."""
+        if self.layout == "qkv":
+            g, d, hpg = self.query_groups_local, self.head_dim, self.heads_per_group
+            grouped = weight.view(g, (hpg + 2) * d, weight.shape[-1])
+            return {"q_proj": grouped[:, : hpg * d], "k_proj": grouped[:, hpg * d: (hpg + 1) * d],
+                    "v_proj": grouped[:, (hpg + 1) * d:]}
+        if self.layout == "glu":
+            gate, up = weight.chunk(2, dim=0)
+            return {"gate_proj": gate, "up_proj": up}
+        return {self.parts[0]: weight}
+
+    def combine(self, outputs: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Place per-module outputs ``[..., part_rows]`` in the fused local output ``[..., rows]``."""
+        lead = like.shape[:-1]
+        full = [outputs[n] if n in outputs else like.new_zeros(*lead, self.part_rows[n]) for n in self.parts]
+        if self.layout != "qkv":
+            return full[0] if len(full) == 1 else torch.cat(full, dim=-1)
+        g, d = self.query_groups_local, self.head_dim
+        q, k, v = full
+        fused = torch.cat([q.reshape(*lead, g, self.heads_per_group * d), k.reshape(*lead, g, d),
+                           v.reshape(*lead, g, d)], dim=-1)
+        return fused.reshape(*lead, -1)
+
+    def adapter_output(self, total_input: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Fused local adapter output ``[..., rows]`` from the total input ``[..., in]``."""
+        names = list(self.adapters)
+        active = [self.adapters[n] for n in names]
         factors = [a.factors() for a in active]
         x = active[0].dropout(total_input).to(active[0].diag.dtype)
         A_all = torch.cat([A for A, _ in factors], dim=0) if len(factors) > 1 else factors[0][0]
         h_all = F.linear(x, A_all)  # one GEMM for the A-sides of all adapters sharing this input
-        outputs, start = [], 0
-        for adapter, (A, B) in zip(active, factors):
+        outputs, start = {}, 0
+        for name, adapter, (A, B) in zip(names, active, factors):
             h = h_all[..., start:start + A.shape[0]]
             start += A.shape[0]
-            outputs.append(F.linear(h * adapter.diag, B))
-        return self.fused.combine(outputs)
+            outputs[name] = F.linear(h * adapter.diag, B)
+        return self.combine(outputs, like.to(h_all.dtype))
 
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
         base, maps = self.base_layer, _megatron_mappings()
@@ -282,7 +355,7 @@ class RaSAColumnParallelLinear(nn.Module):
         bias = base.bias if not base.skip_bias_add else None
         output = F.linear(total, base.weight if weight is None else weight, bias)
         if not any(a.merged for a in self.adapters.values()):
-            output = output + self.adapter_output(total).to(output.dtype)
+            output = output + self.adapter_output(total, output).to(output.dtype)
         gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             output = maps.gather_from_tensor_model_parallel_region(output, group=base.tp_group)
@@ -322,43 +395,164 @@ class RaSARowParallelLinear(nn.Module):
         return (output + base.bias if base.bias is not None else output), None
 
 
-def partial_grad_parameters(module: nn.Module) -> list[nn.Parameter]:
+def partial_grad_parameters(module) -> list[nn.Parameter]:
     """Trainable RaSA parameters whose gradient is a partial sum over the TP group, each once
     (pools included, also when the module holds only the adapters' unregistered references)."""
     seen, out = set(), []
-    pools = [m.pool.parameters() for m in module.modules() if isinstance(m, ShardedRaSA) and m.pool is not None]
-    for param in itertools.chain(module.parameters(), *pools):
-        if getattr(param, PARTIAL_GRAD_ATTR, False) and param.requires_grad and id(param) not in seen:
-            seen.add(id(param))
-            out.append(param)
+    modules = module if isinstance(module, (list, tuple)) else [module]
+    for root in modules:
+        pools = [m.pool.parameters() for m in root.modules() if isinstance(m, ShardedRaSA) and m.pool is not None]
+        for param in itertools.chain(root.parameters(), *pools):
+            if getattr(param, PARTIAL_GRAD_ATTR, False) and param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                out.append(param)
     return out
 
 
-def finalize_rasa_grads(model, tp_group=None) -> int:
-    """Sum the partial RaSA gradients over the tensor-parallel group (one coalesced all-reduce).
+def rasa_pools_of(model) -> list[ShardedRankPool]:
+    """Every pool the model chunks use, each once, in a deterministic order."""
+    seen, pools = set(), []
+    for root in (model if isinstance(model, (list, tuple)) else [model]):
+        for module in root.modules():
+            pool = module if isinstance(module, ShardedRankPool) else getattr(module, "pool", None) \
+                if isinstance(module, ShardedRaSA) else None
+            if pool is not None and id(pool) not in seen:
+                seen.add(id(pool))
+                pools.append(pool)
+    return pools
 
-    Call once per optimizer step after the backward passes of all micro-batches, next to (before or
-    after) Megatron's ``finalize_model_grads``. Reads ``param.main_grad`` when Megatron's DDP gave
-    one, else ``param.grad``. Returns the number of all-reduce calls issued (0 or 1).
+
+def _default_group(kind: str):
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_group() if kind == "tp"
+            else parallel_state.get_pipeline_model_parallel_group())
+
+
+def _owners(pools: list[ShardedRankPool], pp_group) -> list[tuple[int, ...]]:
+    """Owned layers of every PP rank (exchanged once, then cached on the first pool)."""
+    cached = getattr(pools[0], "_pp_owners", None)
+    if cached is None:
+        cached = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(cached, pools[0].owned_layers, group=pp_group)
+        if any(len(o) != len(cached[0]) for o in cached):
+            raise ValueError(f"pipeline stages own different numbers of layers {[len(o) for o in cached]}; "
+                             "the pool all-gather needs equal slices (choose a pipeline size dividing the layers)")
+        for pool in pools:
+            pool._pp_owners = cached
+    return cached
+
+
+def _pool_rows(layers: tuple[int, ...], k: int) -> torch.Tensor:
+    return torch.tensor([i * k + j for i in layers for j in range(k)], dtype=torch.long)
+
+
+def gather_pipeline_pools(model, pp_group=None) -> int:
+    """All-gather every pipeline-sharded pool over the PP group into its ``full_A`` / ``full_B``
+    (leaf tensors that collect the full-pool gradient of this stage's micro-batches).
+
+    Call once per optimizer step, before the first forward (the weights do not change between
+    micro-batches). One coalesced all-gather for all pools. Returns the number of collectives (0/1).
     """
-    modules = model if isinstance(model, (list, tuple)) else [model]
-    if tp_group is None:
-        from megatron.core import parallel_state
-
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-    if dist.get_world_size(tp_group) == 1:
+    pools = [p for p in rasa_pools_of(model) if not p.is_whole]
+    if not pools:
         return 0
-    grads = []
-    for module in modules:
-        for param in partial_grad_parameters(module):
-            grad = getattr(param, "main_grad", None)
-            grad = param.grad if grad is None else grad
-            if grad is not None:
-                grads.append(grad)
-    if not grads:
-        return 0
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=tp_group)
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+    pp_group = pp_group if pp_group is not None else _default_group("pp")
+    owners = _owners(pools, pp_group)
+    with torch.no_grad():
+        local = torch.cat([t.detach().reshape(-1) for p in pools for t in (p.A_shared, p.B_shared)])
+        gathered = [torch.empty_like(local) for _ in owners]
+        dist.all_gather(gathered, local, group=pp_group)
+        fulls = [(torch.empty(p.pool_rank, p.in_features, dtype=p.A_shared.dtype, device=local.device),
+                  torch.empty(p.out_features, p.pool_rank, dtype=p.B_shared.dtype, device=local.device))
+                 for p in pools]
+        for layers, flat in zip(owners, gathered):
+            offset = 0
+            for pool, (full_A, full_B) in zip(pools, fulls):
+                rows = _pool_rows(layers, pool.rank_per_layer).to(local.device)
+                A = flat[offset: offset + pool.A_shared.numel()].view_as(pool.A_shared)
+                offset += pool.A_shared.numel()
+                B = flat[offset: offset + pool.B_shared.numel()].view_as(pool.B_shared)
+                offset += pool.B_shared.numel()
+                full_A.index_copy_(0, rows, A)
+                full_B.index_copy_(1, rows, B)
+    for pool, (full_A, full_B) in zip(pools, fulls):
+        pool.full_A, pool.full_B = full_A.requires_grad_(True), full_B.requires_grad_(True)
     return 1
+
+
+def _accumulate_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
+    target = getattr(param, "main_grad", None)
+    if target is not None:
+        target.add_(grad.to(target.dtype))
+    elif param.grad is None:
+        param.grad = grad.to(param.dtype).clone()
+    else:
+        param.grad.add_(grad.to(param.grad.dtype))
+
+
+def reduce_scatter_pipeline_pool_grads(model, pp_group=None) -> int:
+    """Sum the full-pool gradients over the PP group and give every stage the sum for its own
+    slices (one reduce-scatter for all pools; on gloo, which has none, an all-reduce and a slice).
+    Adds into ``main_grad`` (Megatron DDP) or ``.grad``; releases the gathered pools."""
+    pools = [p for p in rasa_pools_of(model) if not p.is_whole and p.full_A is not None]
+    if not pools:
+        return 0
+    pp_group = pp_group if pp_group is not None else _default_group("pp")
+    owners = _owners(pools, pp_group)
+    me = dist.get_rank(pp_group)
+    with torch.no_grad():
+        chunks = []
+        for layers in owners:
+            for pool in pools:
+                rows = _pool_rows(layers, pool.rank_per_layer).to(pool.full_A.device)
+                gA = pool.full_A.grad if pool.full_A.grad is not None else torch.zeros_like(pool.full_A)
+                gB = pool.full_B.grad if pool.full_B.grad is not None else torch.zeros_like(pool.full_B)
+                chunks += [gA.index_select(0, rows).reshape(-1), gB.index_select(1, rows).reshape(-1)]
+        send = torch.cat(chunks)
+        per_rank = send.numel() // len(owners)
+        if dist.get_backend(pp_group) == "gloo":
+            dist.all_reduce(send, group=pp_group)
+            mine = send[me * per_rank: (me + 1) * per_rank]
+        else:
+            mine = torch.empty(per_rank, dtype=send.dtype, device=send.device)
+            dist.reduce_scatter_tensor(mine, send, group=pp_group)
+        offset = 0
+        for pool in pools:
+            for param in (pool.A_shared, pool.B_shared):
+                _accumulate_grad(param, mine[offset: offset + param.numel()].view_as(param))
+                offset += param.numel()
+            pool.full_A = pool.full_B = None
+    return 1
+
+
+def finalize_rasa_grads(model, tp_group=None, pp_group=None) -> dict[str, int]:
+    """Finish the RaSA gradients of one optimizer step, in one place; call after the backward passes
+    of all micro-batches and before Megatron's ``finalize_model_grads`` (which then averages over
+    data-parallel replicas as for any parameter):
+
+    1. pipeline-sharded pools: one reduce-scatter over the PP group turns each stage's full-pool
+       gradient into the summed gradient of its own slices;
+    2. parameters with TP-partial gradients (``rasa_tp_partial_grad``): one coalesced all-reduce
+       over the TP group.
+
+    Reads/writes ``param.main_grad`` when Megatron's DDP gave one, else ``param.grad``. Returns the
+    number of collectives issued, ``{"pp_reduce_scatter": 0|1, "tp_all_reduce": 0|1}``.
+    """
+    counts = {"pp_reduce_scatter": reduce_scatter_pipeline_pool_grads(model, pp_group), "tp_all_reduce": 0}
+    tp_group = tp_group if tp_group is not None else _default_group("tp")
+    if dist.get_world_size(tp_group) == 1:
+        return counts
+    grads = []
+    for param in partial_grad_parameters(model):
+        grad = getattr(param, "main_grad", None)
+        grad = param.grad if grad is None else grad
+        if grad is not None:
+            grads.append(grad)
+    if grads:
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=tp_group)
+        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)
+        counts["tp_all_reduce"] = 1
+    return counts

@@ -160,7 +160,7 @@ def main():
         loss = loss + (out * probe).sum()
     loss.backward()
     calls = finalize_rasa_grads([torch.nn.ModuleList([torch.nn.ModuleDict(m) for m in mlayers])],
-                                parallel_state.get_tensor_model_parallel_group())
+                                parallel_state.get_tensor_model_parallel_group())["tp_all_reduce"]
 
     def gathered(t, dim):
         parts = [torch.empty_like(t) for _ in range(tp)]

@@ -1,0 +1,194 @@
+"""Hugging Face Llama/Mistral <-> Megatron-core GPTModel (local spec) base weights, per TP x PP rank.
+
+Layouts (``g`` query groups, ``h/g`` query heads per group, ``d`` head dim, ``tp`` TP ranks):
+
+* ``linear_qkv.weight``: per query group ``[its h/g query heads ; its key head ; its value head]``,
+  rows ``[g (h/g + 2) d, hidden]``; TP rank ``t`` holds groups ``[t g/tp, (t+1) g/tp)``.
+* ``linear_fc1.weight`` (SwiGLU): on TP rank ``t``, ``[gate rows of t ; up rows of t]``.
+* ``linear_proj`` / ``linear_fc2``: split on the input dim; embeddings / output layer: split on
+  the vocabulary (which ``tp`` must divide).
+* PP rank ``p`` (of ``pp``, virtual stage ``v`` of ``vpp``) runs layers
+  ``[(v pp + p) L_c, (v pp + p + 1) L_c)``, ``L_c = L / (pp vpp)``, numbered locally from 0.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+HF_LAYER = "model.layers.{}."
+
+
+def _divisible(value: int, by: int, what: str, by_what: str) -> int:
+    if by <= 0 or value % by:
+        raise ValueError(f"{what} = {value} is not divisible by {by_what} = {by}")
+    return value // by
+
+
+def _rope_theta(hf_config) -> float:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    if params and isinstance(params, dict) and params.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type {params.get('rope_type')!r} (rope scaling) is not converted; only 'default' rope is")
+    return float(theta if theta is not None else getattr(hf_config, "rope_theta", 10000.0))
+
+
+def _head_dim(hf_config) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def check_parallel_sizes(hf_config, tp: int, pp: int, vpp: int = 1) -> None:
+    """Raise a ValueError naming both numbers when a parallel size does not divide what it splits."""
+    _divisible(hf_config.num_attention_heads, tp, "num_attention_heads", "tensor-parallel size")
+    _divisible(hf_config.num_key_value_heads, tp, "num_key_value_heads", "tensor-parallel size")
+    _divisible(hf_config.intermediate_size, tp, "intermediate_size", "tensor-parallel size")
+    _divisible(hf_config.vocab_size, tp, "vocab_size", "tensor-parallel size")
+    _divisible(hf_config.num_hidden_layers, pp * vpp, "num_hidden_layers",
+               "pipeline-parallel size x virtual stages" if vpp > 1 else "pipeline-parallel size")
+
+
+def transformer_config_from_hf(hf_config, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                               sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                               **overrides):
+    """A Megatron ``TransformerConfig`` equal in function to a HF Llama/Mistral config (RMSNorm,
+    SwiGLU, no linear bias, GQA, rope), CPU-initialisable, all CUDA-only fusions off."""
+    from megatron.core.transformer import TransformerConfig
+
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported; Llama-style models use 'silu'")
+    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+        raise ValueError("models with attention or MLP biases are not converted")
+    check_parallel_sizes(hf_config, tensor_model_parallel_size, pipeline_model_parallel_size,
+                         overrides.get("virtual_pipeline_model_parallel_size") or 1)
+    fields = dict(
+        num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
+        num_attention_heads=hf_config.num_attention_heads, num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=_head_dim(hf_config), ffn_hidden_size=hf_config.intermediate_size,
+        normalization="RMSNorm", layernorm_epsilon=hf_config.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0,
+        attention_dropout=0.0, tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size, sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype, pipeline_dtype=params_dtype, use_cpu_initialization=True,
+        bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def build_gpt_model(transformer_config, hf_config, pre_process: bool = True, post_process: bool = True,
+                    cpu_attention: bool = True, vp_stage: int | None = None):
+    """A Megatron ``GPTModel`` (local spec) with the vocabulary, rope and embedding tying of ``hf_config``."""
+    from megatron.core.models.gpt import GPTModel
+
+    from .cpu_attention import gpt_block_spec
+
+    return GPTModel(config=transformer_config, transformer_layer_spec=gpt_block_spec(transformer_config, cpu_attention,
+                                                                                       vp_stage),
+                    vocab_size=hf_config.vocab_size, max_sequence_length=hf_config.max_position_embeddings,
+                    pre_process=pre_process, post_process=post_process, position_embedding_type="rope",
+                    rotary_base=_rope_theta(hf_config),
+                    share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings), vp_stage=vp_stage)
+
+
+def stage_layers(num_layers: int, pp_rank: int, pp_size: int, vp_stage: int = 0, vpp_size: int = 1) -> range:
+    """Global indices of the layers of one (pipeline rank, virtual stage)."""
+    per_chunk = _divisible(num_layers, pp_size * vpp_size, "num_hidden_layers", "pipeline stages x virtual stages")
+    start = (vp_stage * pp_size + pp_rank) * per_chunk
+    return range(start, start + per_chunk)
+
+
+def _qkv_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """HF q ``[h d, H]``, k/v ``[g d, H]`` -> Megatron fused ``[g (h/g + 2) d, H]``."""
+    hidden = q.shape[-1]
+    return torch.cat([q.reshape(groups, -1, hidden), k.reshape(groups, -1, hidden), v.reshape(groups, -1, hidden)],
+                     dim=1).reshape(-1, hidden)
+
+
+def hf_to_megatron(hf_state: dict, hf_config, tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1,
+                   vp_stage: int = 0, vpp_size: int = 1) -> dict[str, torch.Tensor]:
+    """The base-weight state dict of the Megatron GPTModel chunk on (tp_rank, pp_rank, vp_stage)."""
+    check_parallel_sizes(hf_config, tp_size, pp_size, vpp_size)
+    groups = hf_config.num_key_value_heads
+    last_chunk = pp_rank == pp_size - 1 and vp_stage == vpp_size - 1
+    first_chunk = pp_rank == 0 and vp_stage == 0
+    tied = bool(hf_config.tie_word_embeddings)
+
+    def shard(t, dim):
+        return t.chunk(tp_size, dim=dim)[tp_rank].clone()
+
+    out = {}
+    if first_chunk:
+        out["embedding.word_embeddings.weight"] = shard(hf_state["model.embed_tokens.weight"], 0)
+    for local, index in enumerate(stage_layers(hf_config.num_hidden_layers, pp_rank, pp_size, vp_stage, vpp_size)):
+        src, dst = HF_LAYER.format(index), f"decoder.layers.{local}."
+        qkv = _qkv_full(hf_state[src + "self_attn.q_proj.weight"], hf_state[src + "self_attn.k_proj.weight"],
+                        hf_state[src + "self_attn.v_proj.weight"], groups)
+        out[dst + "input_layernorm.weight"] = hf_state[src + "input_layernorm.weight"].clone()
+        out[dst + "self_attention.linear_qkv.weight"] = shard(qkv, 0)
+        out[dst + "self_attention.linear_proj.weight"] = shard(hf_state[src + "self_attn.o_proj.weight"], 1)
+        out[dst + "pre_mlp_layernorm.weight"] = hf_state[src + "post_attention_layernorm.weight"].clone()
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([shard(hf_state[src + "mlp.gate_proj.weight"], 0),
+                                                        shard(hf_state[src + "mlp.up_proj.weight"], 0)])
+        out[dst + "mlp.linear_fc2.weight"] = shard(hf_state[src + "mlp.down_proj.weight"], 1)
+    if last_chunk:
+        out["decoder.final_layernorm.weight"] = hf_state["model.norm.weight"].clone()
+        if not (tied and first_chunk):  # tied on one stage: the output layer reads the embedding
+            head = hf_state["model.embed_tokens.weight"] if tied else hf_state["lm_head.weight"]
+            out["output_layer.weight"] = shard(head, 0)  # tied across stages: Megatron's last-stage copy
+    return out
+
+
+def megatron_to_hf(states: dict[tuple, dict], hf_config) -> dict[str, torch.Tensor]:
+    """The exact inverse of :func:`hf_to_megatron`.
+
+    Args:
+        states: ``{(tp_rank, pp_rank) or (tp_rank, pp_rank, vp_stage): state dict}`` covering every rank.
+    """
+    keys = {(k + (0,))[:3] for k in states}
+    d = _head_dim(hf_config)
+    full_qkv = (hf_config.num_attention_heads + 2 * hf_config.num_key_value_heads) * d
+    local_qkv = next(iter(states.values()))["decoder.layers.0.self_attention.linear_qkv.weight"].shape[0]
+    if full_qkv % local_qkv:
+        raise ValueError(f"a linear_qkv shard has {local_qkv} rows, which does not divide the model's {full_qkv}; "
+                         "the states do not belong to this HF config")
+    tp_size = full_qkv // local_qkv  # from the shard shapes, so a missing TP rank cannot pass unnoticed
+    pp_size = 1 + max(k[1] for k in keys)
+    vpp_size = 1 + max(k[2] for k in keys)
+    local_layers = len({key.split(".")[2] for key in next(iter(states.values())) if key.startswith("decoder.layers.")})
+    if local_layers * pp_size * vpp_size != hf_config.num_hidden_layers:
+        raise ValueError(f"the states hold {local_layers} layers per chunk on {pp_size} pipeline x {vpp_size} virtual "
+                         f"stages, the model has {hf_config.num_hidden_layers} layers: pipeline ranks are missing")
+    check_parallel_sizes(hf_config, tp_size, pp_size, vpp_size)
+    missing = [(t, p, v) for t in range(tp_size) for p in range(pp_size) for v in range(vpp_size)
+               if (t, p, v) not in keys]
+    if missing:
+        raise ValueError(f"megatron_to_hf needs every rank's state; missing (tp, pp, vp) = {missing[:4]}")
+    state = {(k + (0,))[:3]: v for k, v in states.items()}
+    groups, heads = hf_config.num_key_value_heads, hf_config.num_attention_heads
+    d, hidden = _head_dim(hf_config), hf_config.hidden_size
+
+    def cat(key, dim, p=0, v=0):
+        return torch.cat([state[(t, p, v)][key] for t in range(tp_size)], dim=dim)
+
+    out = {"model.embed_tokens.weight": cat("embedding.word_embeddings.weight", 0)}
+    for p in range(pp_size):
+        for v in range(vpp_size):
+            for local, index in enumerate(stage_layers(hf_config.num_hidden_layers, p, pp_size, v, vpp_size)):
+                src, dst = f"decoder.layers.{local}.", HF_LAYER.format(index)
+                qkv = cat(src + "self_attention.linear_qkv.weight", 0, p, v).reshape(groups, -1, hidden)
+                q_rows = heads // groups * d
+                out[dst + "self_attn.q_proj.weight"] = qkv[:, :q_rows].reshape(-1, hidden).clone()
+                out[dst + "self_attn.k_proj.weight"] = qkv[:, q_rows:q_rows + d].reshape(-1, hidden).clone()
+                out[dst + "self_attn.v_proj.weight"] = qkv[:, q_rows + d:].reshape(-1, hidden).clone()
+                out[dst + "self_attn.o_proj.weight"] = cat(src + "self_attention.linear_proj.weight", 1, p, v)
+                fc1 = [state[(t, p, v)][src + "mlp.linear_fc1.weight"].chunk(2) for t in range(tp_size)]
+                out[dst + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1])
+                out[dst + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1])
+                out[dst + "mlp.down_proj.weight"] = cat(src + "mlp.linear_fc2.weight", 1, p, v)
+                out[dst + "input_layernorm.weight"] = state[(0, p, v)][src + "input_layernorm.weight"].clone()
+                out[dst + "post_attention_layernorm.weight"] = state[(0, p, v)][src + "pre_mlp_layernorm.weight"].clone()
+    last = (pp_size - 1, vpp_size - 1)
+    out["model.norm.weight"] = state[(0, *last)]["decoder.final_layernorm.weight"].clone()
+    if not hf_config.tie_word_embeddings:
+        out["lm_head.weight"] = cat("output_layer.weight", 0, *last)
+    return out
