@@ -21,6 +21,17 @@ from ..functional import kaiming_init_
 from .parallel_layers import (COLUMN, ROW, RaSAColumnParallelLinear, RaSARowParallelLinear, ShardedRankPool,
                               ShardedRaSA)
 
+class RaSAPools(nn.ModuleDict):
+    """``rasa_pools.<self_attn|mlp>.<hf name>``: the pools of this rank, with dist-checkpoint entries."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        entries = {}
+        for group, pools in self.items():
+            for name, pool in pools.items():
+                entries.update(pool.sharded_state_dict(f"{prefix}{group}.{name}.", sharded_offsets, metadata))
+        return entries
+
+
 #: HF module type -> (Megatron submodule path inside a TransformerLayer, sharding)
 MODULE_TYPES = {
     "self_attn.q_proj": ("self_attention.linear_qkv", COLUMN),
@@ -139,7 +150,7 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
                 wrapped = RaSARowParallelLinear(base, adapter)
             setattr(parent, leaf, wrapped)
 
-    registry = nn.ModuleDict()
+    registry = RaSAPools()
     for path, pool in pools.items():
         if pool is None:
             continue

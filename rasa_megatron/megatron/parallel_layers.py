@@ -66,6 +66,31 @@ def shard_of(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor
     return full.chunk(size, dim=dim)[rank].clone()
 
 
+def _dist_ckpt_groups(metadata):
+    from megatron.core import parallel_state
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    return parallel_state.get_tensor_model_parallel_group(), metadata["dp_cp_group"], metadata
+
+
+def _wrapper_sharded_state_dict(base_layer, adapter_tensors: dict, tp_axes: dict, prefix: str, sharded_offsets,
+                                metadata) -> dict:
+    """Dist-checkpoint entries of a RaSA wrapper: the base layer's own entries under the checkpoint
+    keys a plain Megatron model uses (``...linear_qkv.weight``), plus the adapter tensors (TP-sharded
+    on ``tp_axes``, replicated otherwise, with Megatron's replica ids)."""
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    tp_group, dp_cp_group, metadata = _dist_ckpt_groups(metadata)
+    entries = base_layer.sharded_state_dict(prefix + "base_layer.", sharded_offsets, metadata)
+    for entry in entries.values():
+        if hasattr(entry, "key") and entry.key.startswith(prefix + "base_layer."):
+            entry.key = prefix + entry.key[len(prefix + "base_layer."):]
+    entries.update(make_sharded_tensors_for_checkpoint(adapter_tensors, prefix, tp_axes, sharded_offsets,
+                                                       tp_group=tp_group, dp_cp_group=dp_cp_group))
+    return entries
+
+
 def _mark_partial(*params: nn.Parameter) -> None:
     for param in params:
         setattr(param, PARTIAL_GRAD_ATTR, True)
@@ -147,6 +172,36 @@ class ShardedRankPool(nn.Module):
             raise RuntimeError("the pipeline-sharded pool is not gathered: call gather_pipeline_pools(model) "
                                "once per optimizer step before the first forward")
         return self.full_A, self.full_B
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """Dist-checkpoint entries: ``A_S`` stored as ``[L, k, in]`` and ``B_S`` as ``[L, out, k]``
+        (a layer axis first, then TP sharding like the module), each rank writing the layers it owns,
+        so a checkpoint written on one TP x PP (x VPP) layout loads on any other."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+        _, dp_cp_group, _ = _dist_ckpt_groups(metadata)
+        dp_rank = dist.get_rank(dp_cp_group)
+        k, owned, num_layers = self.rank_per_layer, self.owned_layers, self.num_layers
+        entries = {}
+        for name, param, tp_axis, layer_dim in (("A_shared", self.A_shared, 1, 0), ("B_shared", self.B_shared, 0, 1)):
+            sharded_on_tp = self.tp_size > 1 and ((name == "A_shared") == (self.parallel == ROW))
+            replica = (0, 0 if sharded_on_tp else self.tp_rank, dp_rank)
+
+            def build(key, data, replica_id, flattened_range, layer_dim=layer_dim, tp_axis=tp_axis,
+                      sharded_on_tp=sharded_on_tp):
+                if flattened_range is not None:
+                    raise ValueError("RaSA pools do not support flattened (distributed-optimizer) ranges")
+                offsets = [(1 + tp_axis, self.tp_rank, self.tp_size)] if sharded_on_tp else []
+                return {f"layer{layer}": ShardedTensor.from_rank_offsets(
+                            key, data.narrow(layer_dim, j * k, k), (0, layer, num_layers), *offsets,
+                            replica_id=replica_id, prepend_axis_num=1)
+                        for j, layer in enumerate(owned)}
+
+            def merge(loaded, layer_dim=layer_dim):
+                return torch.cat([loaded[f"layer{layer}"] for layer in owned], dim=layer_dim)
+
+            entries[prefix + name] = ShardedTensorFactory(prefix + name, param, build, merge, replica)
+        return entries
 
     def extra_repr(self) -> str:
         return (f"{self.parallel}, in_local={self.in_features}, out_local={self.out_features}, "
@@ -346,6 +401,21 @@ class RaSAColumnParallelLinear(nn.Module):
             outputs[name] = F.linear(h * adapter.diag, B)
         return self.combine(outputs, like.to(h_all.dtype))
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        tensors = {f"adapters.{name}.{pname}": param for name, adapter in self.adapters.items()
+                   for pname, param in adapter.named_parameters(recurse=False)}
+        entries = _wrapper_sharded_state_dict(self.base_layer, tensors,
+                                              {f"adapters.{name}.B_private": 0 for name in self.adapters},
+                                              prefix, sharded_offsets, metadata)
+        if self.layout == "glu":  # what Megatron's MLP does for a plain linear_fc1: gate and up stored apart
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            for key in (f"{prefix}base_layer.weight", f"{prefix}base_layer.bias"):
+                if key in entries:
+                    entries[key] = apply_swiglu_sharded_factory(
+                        entries[key], sharded_offsets, (metadata or {}).get("singleton_local_shards", False))
+        return entries
+
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
         base, maps = self.base_layer, _megatron_mappings()
         if base.sequence_parallel:
@@ -376,6 +446,11 @@ class RaSARowParallelLinear(nn.Module):
         self.adapter = adapter
         layer = self
         object.__setattr__(adapter, "_base_weight_fn", lambda: layer.base_layer.weight)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        tensors = {f"adapter.{pname}": param for pname, param in self.adapter.named_parameters(recurse=False)}
+        return _wrapper_sharded_state_dict(self.base_layer, tensors, {"adapter.A_private": 1}, prefix,
+                                           sharded_offsets, metadata)
 
     def forward(self, input_: torch.Tensor):
         base, maps = self.base_layer, _megatron_mappings()

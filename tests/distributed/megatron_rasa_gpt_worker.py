@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
+from megatron_common import hf_reference, init_cpu_megatron, megatron_chunks, report_worst  # noqa: E402
+from megatron_common import micro_batches as make_micro_batches  # noqa: E402
 from pp_driver import forward_backward, forward_only  # noqa: E402
 
 TOL = 1e-5
@@ -30,64 +32,17 @@ def main():
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    dist.init_process_group("gloo")
-    # Test shim (CPU-only torch): Megatron 0.16's rotary embedding and sequence-parallel collectives
-    # place tensors on torch.cuda.current_device(); here that device is the CPU.
-    torch.cuda.current_device = lambda: "cpu"
-    import contextlib
-
-    from megatron.core import parallel_state, tensor_parallel
-    # Test shim: under sequence parallelism the embedding forks Megatron's CUDA RNG tracker (for
-    # dropout, 0 here), whose states need CUDA to be created; fork into the default CPU RNG instead.
-    tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rasa_megatron import RaSAConfig, adapter_state_dict, apply_rasa
-    from rasa_megatron.megatron import (apply_rasa_megatron, finalize_rasa_grads, gather_pipeline_pools,
-                                        megatron_rasa_units)
-    from rasa_megatron.megatron.convert import build_gpt_model, hf_to_megatron, transformer_config_from_hf
+    from rasa_megatron import adapter_state_dict
+    from rasa_megatron.megatron import finalize_rasa_grads, gather_pipeline_pools, megatron_rasa_units
     from rasa_megatron.megatron.inject import load_hf_adapter_
 
     tp, pp, vpp = args.tp, args.pp, args.vpp
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
-    tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+    parallel_state = init_cpu_megatron(tp, pp, vpp)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_group, pp_group = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_pipeline_model_parallel_group()
-
-    layers, r, k = 4, 4, 1
-    hf_config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                            tie_word_embeddings=False)
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(hf_config).eval()
-    base_state = {key: value.clone() for key, value in hf.state_dict().items()}
-    rasa = RaSAConfig(r=r, k=k, alpha=8)
-    torch.manual_seed(7)
-    apply_rasa(hf, rasa)
-    init_adapter = {key: p.detach().clone() for key, p in adapter_state_dict(hf).items()}
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in adapter_state_dict(hf).values():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-
-    # ---- Megatron chunks of this rank ---------------------------------------------------------------
-    tconfig = transformer_config_from_hf(hf_config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                         sequence_parallel=args.sp,
-                                         **({"virtual_pipeline_model_parallel_size": vpp} if vpp > 1 else {}))
-    chunks = []
-    for v in range(vpp):
-        pre = pp_rank == 0 and v == 0
-        post = pp_rank == pp - 1 and v == vpp - 1
-        model = build_gpt_model(tconfig, hf_config, pre_process=pre, post_process=post,
-                                **({"vp_stage": v} if vpp > 1 else {}))
-        state = hf_to_megatron(base_state, hf_config, tp_rank, tp, pp_rank, pp,
-                               **({"vp_stage": v, "vpp_size": vpp} if vpp > 1 else {}))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not m.endswith("_extra_state")]
-        assert not missing and not unexpected, (missing, unexpected)
-        chunks.append(model)
-    torch.manual_seed(7)
-    apply_rasa_megatron(chunks, rasa)
+    ref = hf_reference()
+    hf, hf_config, init_adapter = ref.model, ref.config, ref.init_adapter
+    chunks = megatron_chunks(ref, parallel_state, tp, pp, vpp, args.sp)
     units = megatron_rasa_units(chunks)
     worst = {"init": 0.0, "logits": 0.0, "loss": 0.0, "grad": 0.0, "param": 0.0}
 
@@ -132,9 +87,7 @@ def main():
 
     # ---- data: 2 micro-batches of [2, 12] ----------------------------------------------------------
     seq, batch, micro = 12, 2, 2
-    data = torch.randint(0, hf_config.vocab_size, (micro, batch, seq + 1), generator=torch.Generator().manual_seed(3))
-    micro_batches = [{"input_ids": d[:, :-1], "labels": d[:, 1:], "position_ids": torch.arange(seq).expand(batch, seq)}
-                     for d in data]
+    micro_batches = make_micro_batches(hf_config.vocab_size, micro, batch, seq)
 
     hf.train()
     ref_params = [p for p in hf.parameters() if p.requires_grad]
@@ -181,10 +134,7 @@ def main():
         meg_opt.step()
         meg_opt.zero_grad(set_to_none=True)
         compare_adapter("param", {key: p.detach() for key, p in adapter_state_dict(hf).items()}, grads=False)
-    for kind in worst:  # the worst over all ranks (logits and loss are checked on the last stage)
-        value = torch.tensor(worst[kind], dtype=torch.float64)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        worst[kind] = value.item()
+    report_worst(worst)  # over all ranks: logits and loss are checked on the last stage
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({"tp": tp, "pp": pp, "vpp": vpp, "sp": args.sp, "worst": worst,
                                       "collectives_per_step": collectives, "units": len(units)}), flush=True)

@@ -1,0 +1,91 @@
+"""Shared set-up of the Megatron CPU workers: process groups, CPU shims, the tiny HF Llama with a
+RaSA adapter (the single-process reference) and this rank's Megatron GPTModel chunks."""
+import contextlib
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+LAYERS, R, K = 4, 4, 1
+
+
+def init_cpu_megatron(tp: int, pp: int, vpp: int = 1):
+    """gloo process group + Megatron parallel state, with the two narrow CPU test shims."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    # Test shim (CPU-only torch): Megatron 0.16's rotary embedding and sequence-parallel collectives
+    # place tensors on torch.cuda.current_device(); here that device is the CPU.
+    torch.cuda.current_device = lambda: "cpu"
+    # Test shim: dist_checkpointing's file writer calls torch.cuda.synchronize() before copying
+    # tensors; with CPU tensors there is nothing to wait for.
+    torch.cuda.synchronize = lambda *a, **k: None
+    from megatron.core import parallel_state, tensor_parallel
+    # Test shim: under sequence parallelism the embedding forks Megatron's CUDA RNG tracker (for
+    # dropout, 0 here), whose states need CUDA to be created; fork into the default CPU RNG instead.
+    tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
+    return parallel_state
+
+
+def hf_reference(adapter_seed: int = 7, noise_seed: int = 1):
+    """The tiny HF Llama (base weights seed 0) with RaSA r=4 k=1 (init after ``adapter_seed``) plus
+    seeded noise on every adapter tensor, so B is non-zero."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rasa_megatron import RaSAConfig, adapter_state_dict, apply_rasa
+
+    hf_config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                            tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(hf_config).eval()
+    base_state = {key: value.clone() for key, value in hf.state_dict().items()}
+    rasa = RaSAConfig(r=R, k=K, alpha=8)
+    torch.manual_seed(adapter_seed)
+    apply_rasa(hf, rasa)
+    init_adapter = {key: p.detach().clone() for key, p in adapter_state_dict(hf).items()}
+    gen = torch.Generator().manual_seed(noise_seed)
+    with torch.no_grad():
+        for p in adapter_state_dict(hf).values():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return SimpleNamespace(model=hf, config=hf_config, base_state=base_state, rasa=rasa, init_adapter=init_adapter)
+
+
+def megatron_chunks(ref, parallel_state, tp: int, pp: int, vpp: int = 1, sp: bool = False, adapter_seed: int = 7):
+    """This rank's GPTModel chunks with the reference's base weights and a fresh RaSA (init after
+    ``adapter_seed``)."""
+    from rasa_megatron.megatron import apply_rasa_megatron
+    from rasa_megatron.megatron.convert import build_gpt_model, hf_to_megatron, transformer_config_from_hf
+
+    tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+    tconfig = transformer_config_from_hf(ref.config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                         sequence_parallel=sp,
+                                         **({"virtual_pipeline_model_parallel_size": vpp} if vpp > 1 else {}))
+    chunks = []
+    for v in range(vpp):
+        model = build_gpt_model(tconfig, ref.config, pre_process=pp_rank == 0 and v == 0,
+                                post_process=pp_rank == pp - 1 and v == vpp - 1, vp_stage=v if vpp > 1 else None)
+        state = hf_to_megatron(ref.base_state, ref.config, tp_rank, tp, pp_rank, pp, v, vpp)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not m.endswith("_extra_state")]
+        assert not missing and not unexpected, (missing, unexpected)
+        chunks.append(model)
+    torch.manual_seed(adapter_seed)
+    apply_rasa_megatron(chunks, ref.rasa)
+    return chunks
+
+
+def micro_batches(vocab: int, count: int = 2, batch: int = 2, seq: int = 12):
+    data = torch.randint(0, vocab, (count, batch, seq + 1), generator=torch.Generator().manual_seed(3))
+    return [{"input_ids": d[:, :-1], "labels": d[:, 1:], "position_ids": torch.arange(seq).expand(batch, seq)}
+            for d in data]
+
+
+def report_worst(worst: dict) -> dict:
+    """The worst differences over all ranks."""
+    for kind in worst:
+        value = torch.tensor(worst[kind], dtype=torch.float64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        worst[kind] = value.item()
+    return worst
