@@ -631,3 +631,13 @@ def finalize_rasa_grads(model, tp_group=None, pp_group=None) -> dict[str, int]:
             grad.copy_(synced)
         counts["tp_all_reduce"] = 1
     return counts
+
+
+def finalize_model_grads_with_rasa(model, *args, **kwargs):
+    """Megatron's ``finalize_model_grads`` preceded by :func:`finalize_rasa_grads`; set it as
+    ``config.finalize_model_grads_func`` so Megatron's schedules finish RaSA gradients too (the RaSA
+    step writes into ``main_grad`` before Megatron's data-parallel reduction reads it)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_rasa_grads(model)
+    return finalize_model_grads(model, *args, **kwargs)
