@@ -71,6 +71,12 @@ def transformer_config_from_hf(hf_config, tensor_model_parallel_size: int = 1, p
         bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
     )
+    experts = getattr(hf_config, "num_local_experts", None)
+    if experts:  # Mixtral: top-k on the router logits then softmax over the k == HF's softmax, top-k, renormalise
+        fields.update(num_moe_experts=experts, moe_router_topk=hf_config.num_experts_per_tok,
+                      moe_ffn_hidden_size=hf_config.intermediate_size, moe_token_dispatcher_type="allgather",
+                      moe_router_load_balancing_type="aux_loss" if hf_config.output_router_logits else "none",
+                      moe_aux_loss_coeff=hf_config.router_aux_loss_coef if hf_config.output_router_logits else 0.0)
     fields.update(overrides)
     return TransformerConfig(**fields)
 
@@ -105,9 +111,14 @@ def _qkv_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) ->
 
 
 def hf_to_megatron(hf_state: dict, hf_config, tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1,
-                   vp_stage: int = 0, vpp_size: int = 1) -> dict[str, torch.Tensor]:
-    """The base-weight state dict of the Megatron GPTModel chunk on (tp_rank, pp_rank, vp_stage)."""
+                   vp_stage: int = 0, vpp_size: int = 1, ep_rank: int = 0, ep_size: int = 1) -> dict[str, torch.Tensor]:
+    """The base-weight state dict of the Megatron GPTModel chunk on (tp_rank, pp_rank, vp_stage) and,
+    for Mixtral-style MoE (expert tensor parallel size 1), expert-parallel rank ``ep_rank``: its
+    ``E / ep_size`` local experts ``mlp.experts.local_experts.{j}`` hold HF experts
+    ``ep_rank E / ep_size + j`` (``linear_fc1 = gate_up_proj[e]`` ``[2I, H]``, ``linear_fc2 = down_proj[e]``)."""
     check_parallel_sizes(hf_config, tp_size, pp_size, vpp_size)
+    num_experts = getattr(hf_config, "num_local_experts", None) or 0
+    local_experts = _divisible(num_experts, ep_size, "num_local_experts", "expert-parallel size") if num_experts else 0
     groups = hf_config.num_key_value_heads
     last_chunk = pp_rank == pp_size - 1 and vp_stage == vpp_size - 1
     first_chunk = pp_rank == 0 and vp_stage == 0
@@ -127,6 +138,14 @@ def hf_to_megatron(hf_state: dict, hf_config, tp_rank: int, tp_size: int, pp_ran
         out[dst + "self_attention.linear_qkv.weight"] = shard(qkv, 0)
         out[dst + "self_attention.linear_proj.weight"] = shard(hf_state[src + "self_attn.o_proj.weight"], 1)
         out[dst + "pre_mlp_layernorm.weight"] = hf_state[src + "post_attention_layernorm.weight"].clone()
+        if num_experts:
+            out[dst + "mlp.router.weight"] = hf_state[src + "mlp.gate.weight"].clone()
+            for j in range(local_experts):
+                e = ep_rank * local_experts + j
+                expert = dst + f"mlp.experts.local_experts.{j}."
+                out[expert + "linear_fc1.weight"] = hf_state[src + "mlp.experts.gate_up_proj"][e].clone()
+                out[expert + "linear_fc2.weight"] = hf_state[src + "mlp.experts.down_proj"][e].clone()
+            continue
         out[dst + "mlp.linear_fc1.weight"] = torch.cat([shard(hf_state[src + "mlp.gate_proj.weight"], 0),
                                                         shard(hf_state[src + "mlp.up_proj.weight"], 0)])
         out[dst + "mlp.linear_fc2.weight"] = shard(hf_state[src + "mlp.down_proj.weight"], 1)
@@ -144,6 +163,8 @@ def megatron_to_hf(states: dict[tuple, dict], hf_config) -> dict[str, torch.Tens
     Args:
         states: ``{(tp_rank, pp_rank) or (tp_rank, pp_rank, vp_stage): state dict}`` covering every rank.
     """
+    if getattr(hf_config, "num_local_experts", None):
+        raise ValueError("megatron_to_hf does not convert MoE (Mixtral) checkpoints yet; hf_to_megatron does")
     keys = {(k + (0,))[:3] for k in states}
     d = _head_dim(hf_config)
     full_qkv = (hf_config.num_attention_heads + 2 * hf_config.num_key_value_heads) * d

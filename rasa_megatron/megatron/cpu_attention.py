@@ -65,19 +65,20 @@ def gpt_block_spec(config, cpu_attention: bool = True, vp_stage: int | None = No
     that work under sequence parallelism on CPU."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    layer = gpt_layer_spec(cpu_attention)
+    layer = gpt_layer_spec(cpu_attention, num_experts=config.num_moe_experts)
     layer.submodules.input_layernorm = TorchRMSNorm
     layer.submodules.pre_mlp_layernorm = TorchRMSNorm
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
                                       layer_norm=TorchRMSNorm)
 
 
-def gpt_layer_spec(cpu_attention: bool = True, normalization: str = "RMSNorm"):
-    """Megatron's local GPT layer spec (RMSNorm for Llama-style models), with the core attention
-    replaced by :class:`TorchDotProductAttention` when ``cpu_attention``."""
+def gpt_layer_spec(cpu_attention: bool = True, normalization: str = "RMSNorm", num_experts: int | None = None):
+    """Megatron's local GPT layer spec (RMSNorm for Llama-style models; a MoE layer with
+    ``SequentialMLP`` experts when ``num_experts``), with the core attention replaced by
+    :class:`TorchDotProductAttention` when ``cpu_attention``."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization=normalization)
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization=normalization)
     if cpu_attention:
         spec.submodules.self_attention.submodules.core_attention = TorchDotProductAttention
     return spec

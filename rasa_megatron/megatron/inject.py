@@ -43,16 +43,21 @@ MODULE_TYPES = {
     "mlp.down_proj": ("mlp.linear_fc2", ROW),
 }
 POOLS_ATTR = "rasa_pools"
+#: HF stacked expert weight -> (Megatron linear inside each local expert, sharding)
+EXPERT_TYPES = {"mlp.experts.gate_up_proj": ("linear_fc1", COLUMN), "mlp.experts.down_proj": ("linear_fc2", ROW)}
+EXPERT_POOLS = "mlp_experts"
 
 
 def _module_shapes(config) -> dict[str, tuple[int, int]]:
-    """HF module type -> (in_features, out_features) from a Megatron TransformerConfig."""
+    """HF module type -> (in_features, out_features) of one linear / one expert, from a TransformerConfig."""
     h, d = config.hidden_size, config.kv_channels
     q_out, kv_out = config.num_attention_heads * d, (config.num_query_groups or config.num_attention_heads) * d
     ffn = config.ffn_hidden_size
+    moe_ffn = getattr(config, "moe_ffn_hidden_size", None) or ffn
     return {"self_attn.q_proj": (h, q_out), "self_attn.k_proj": (h, kv_out), "self_attn.v_proj": (h, kv_out),
             "self_attn.o_proj": (q_out, h), "mlp.gate_proj": (h, ffn), "mlp.up_proj": (h, ffn),
-            "mlp.down_proj": (ffn, h)}
+            "mlp.down_proj": (ffn, h), "mlp.experts.gate_up_proj": (h, 2 * moe_ffn),
+            "mlp.experts.down_proj": (moe_ffn, h)}
 
 
 def transformer_layers(model_chunks) -> dict[int, nn.Module]:
@@ -67,17 +72,23 @@ def transformer_layers(model_chunks) -> dict[int, nn.Module]:
     return found
 
 
-def _hf_types(config: RaSAConfig) -> list[str]:
+def _hf_types(config: RaSAConfig) -> tuple[list[str], list[str]]:
+    """(dense HF module types, stacked-expert HF types) targeted by ``config``, in apply_rasa's order."""
     leaves = {path.rsplit(".", 1)[1]: path for path in MODULE_TYPES}
     unknown = sorted(set(config.target_modules) - set(leaves))
     if unknown:
         raise ValueError(f"unknown target module(s) {unknown} for a Megatron GPT model; valid names are "
                          f"{sorted(leaves)} (the Hugging Face names of the linears inside linear_qkv, linear_proj, "
                          "linear_fc1 and linear_fc2)")
-    if config.target_parameters:
-        raise ValueError(f"target_parameters {list(config.target_parameters)} (MoE experts) are not supported by "
-                         "apply_rasa_megatron yet")
-    return [path for path in MODULE_TYPES if path.rsplit(".", 1)[1] in config.target_modules]
+    experts = []
+    for target in config.target_parameters:
+        hits = [p for p in EXPERT_TYPES if p == target or p.endswith("." + target)]
+        if not hits:
+            raise ValueError(f"unknown target parameter {target!r} for a Megatron MoE model; valid names are "
+                             f"{sorted(EXPERT_TYPES)}")
+        experts += hits
+    return ([path for path in MODULE_TYPES if path.rsplit(".", 1)[1] in config.target_modules],
+            [path for path in EXPERT_TYPES if path in experts])
 
 
 def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.dtype = torch.float32,
@@ -99,7 +110,7 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     if any(getattr(c, POOLS_ATTR, None) is not None for c in chunks):
         raise ValueError("the model already has RaSA adapters")
-    types = _hf_types(config)
+    types, expert_types = _hf_types(config)
     tconfig = chunks[0].config
     num_layers = tconfig.num_layers
     layers = transformer_layers(chunks)
@@ -107,27 +118,62 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     shapes = _module_shapes(tconfig)
+    num_experts = getattr(tconfig, "num_moe_experts", None) or 0
+    if expert_types and not num_experts:
+        raise ValueError(f"target_parameters {list(config.target_parameters)} need a MoE model (num_moe_experts)")
+    local_experts: range = range(0)
+    if expert_types:
+        if parallel_state.get_expert_tensor_parallel_world_size() != 1:
+            raise ValueError("RaSA on experts supports expert tensor-parallel size 1 (experts split by expert "
+                             f"parallelism), got {parallel_state.get_expert_tensor_parallel_world_size()}")
+        ep_size = parallel_state.get_expert_model_parallel_world_size()
+        per_rank = num_experts // ep_size
+        local_experts = range(parallel_state.get_expert_model_parallel_rank() * per_rank,
+                              (parallel_state.get_expert_model_parallel_rank() + 1) * per_rank)
     for chunk in chunks:
         for param in chunk.parameters():
             param.requires_grad_(False)
 
+    def pool_for(path, parallel, keep=True, tp=(tp_rank, tp_size)):
+        in_f, out_f = shapes[path]
+        if not keep:  # draw and drop, so the RNG stream does not depend on the layout
+            kaiming_init_(torch.empty(config.pool_rank(num_layers), in_f, dtype=adapter_dtype), generator)
+            return None
+        return ShardedRankPool(in_f, out_f, config.pool_rank(num_layers), num_layers, parallel, *tp,
+                               dtype=adapter_dtype, generator=generator, owned_layers=owned)
+
+    # 1. pools in apply_rasa's order: dense types, then expert types (one pool per expert index)
     pools: dict[str, ShardedRankPool | None] = {}
+    expert_pools: dict[tuple[str, int], ShardedRankPool] = {}
     for path in types:
+        pools[path] = pool_for(path, MODULE_TYPES[path][1]) if config.k else None
+    for path in expert_types:
+        for e in range(num_experts):
+            pool = pool_for(path, EXPERT_TYPES[path][1], e in local_experts, (0, 1)) if config.k else None
+            if pool is not None:
+                expert_pools[(path, e)] = pool
+
+    # 2. private factors: each module type's layers in order (experts in expert order per layer)
+    def skip_private(in_f):
+        if config.private_rank:
+            kaiming_init_(torch.empty(config.private_rank, in_f, dtype=adapter_dtype), generator)
+
+    adapters: dict[tuple, ShardedRaSA] = {}
+    for path in types + expert_types:
         in_f, out_f = shapes[path]
-        pools[path] = ShardedRankPool(in_f, out_f, config.pool_rank(num_layers), num_layers, MODULE_TYPES[path][1],
-                                      tp_rank, tp_size, dtype=adapter_dtype, generator=generator,
-                                      owned_layers=owned) if config.k else None
-    adapters: dict[tuple[int, str], ShardedRaSA] = {}
-    for path in types:
-        in_f, out_f = shapes[path]
+        expert = path in EXPERT_TYPES
+        parallel = (EXPERT_TYPES if expert else MODULE_TYPES)[path][1]
         for index in range(num_layers):
-            if index not in layers:  # keep the RNG stream layout-independent
-                if config.private_rank:
-                    kaiming_init_(torch.empty(config.private_rank, in_f, dtype=adapter_dtype), generator)
-                continue
-            adapters[(index, path)] = ShardedRaSA(in_f, out_f, config.private_rank, pools[path], config.alpha,
-                                                  MODULE_TYPES[path][1], tp_rank, tp_size, layer_index=index,
-                                                  dropout=config.dropout, dtype=adapter_dtype, generator=generator)
+            for e in (range(num_experts) if expert else [None]):
+                if index not in layers or (expert and e not in local_experts):
+                    skip_private(in_f)
+                    continue
+                pool = expert_pools.get((path, e)) if expert else pools[path]
+                key = (index, path) if e is None else (index, path, e)
+                adapters[key] = ShardedRaSA(in_f, out_f, config.private_rank, pool, config.alpha, parallel,
+                                            *((0, 1) if expert else (tp_rank, tp_size)), layer_index=index,
+                                            dropout=config.dropout, dtype=adapter_dtype, generator=generator)
+                adapters[key].expert_index = e
 
     groups = tconfig.num_query_groups or tconfig.num_attention_heads
     for index, layer in layers.items():
@@ -149,6 +195,20 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
                 (adapter,) = named.values()
                 wrapped = RaSARowParallelLinear(base, adapter)
             setattr(parent, leaf, wrapped)
+        if expert_types:
+            local = getattr(getattr(layer.mlp, "experts", None), "local_experts", None)
+            if local is None:
+                raise ValueError(f"layer {index} has no mlp.experts.local_experts (Megatron SequentialMLP); RaSA on "
+                                 "experts supports the sequential experts of the local spec")
+            for j, expert_mlp in enumerate(local):
+                e = local_experts[j]
+                for path in expert_types:
+                    linear_name, parallel = EXPERT_TYPES[path]
+                    base = getattr(expert_mlp, linear_name)
+                    adapter = adapters[(index, path, e)]
+                    wrapped = (RaSAColumnParallelLinear(base, {path.rsplit(".", 1)[1]: adapter}, "plain")
+                               if parallel == COLUMN else RaSARowParallelLinear(base, adapter))
+                    setattr(expert_mlp, linear_name, wrapped)
 
     registry = RaSAPools()
     for path, pool in pools.items():
@@ -158,6 +218,9 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
         if group not in registry:
             registry[group] = nn.ModuleDict()
         registry[group][leaf] = pool
+    if expert_pools:
+        registry[EXPERT_POOLS] = nn.ModuleDict({f"{path.rsplit('.', 1)[1]}_{e}": pool
+                                                for (path, e), pool in expert_pools.items()})
     setattr(chunks[0], POOLS_ATTR, registry)
     for chunk in chunks:
         object.__setattr__(chunk, "rasa_config", config)
@@ -165,26 +228,41 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
 
 
 def megatron_rasa_units(model_chunks) -> dict[tuple[int, str], ShardedRaSA]:
-    """``(global layer index, HF module type) -> ShardedRaSA`` of this rank."""
+    """``(global layer index, HF module type) -> ShardedRaSA`` of this rank; experts keyed
+    ``(layer, "mlp.experts.gate_up_proj", global expert index)``."""
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     units = {}
     for index, layer in transformer_layers(chunks).items():
         for path, (linear_path, _) in MODULE_TYPES.items():
-            wrapper = layer.get_submodule(linear_path)
+            try:
+                wrapper = layer.get_submodule(linear_path)
+            except AttributeError:  # a MoE layer has no dense linear_fc1/linear_fc2
+                continue
             leaf = path.rsplit(".", 1)[1]
             if isinstance(wrapper, RaSAColumnParallelLinear) and leaf in wrapper.adapters:
                 units[(index, path)] = wrapper.adapters[leaf]
             elif isinstance(wrapper, RaSARowParallelLinear):  # linear_proj / linear_fc2: one module each
                 units[(index, path)] = wrapper.adapter
+        local = getattr(getattr(getattr(layer, "mlp", None), "experts", None), "local_experts", None)
+        for expert_mlp in local or []:
+            for path, (linear_name, _) in EXPERT_TYPES.items():
+                wrapper = getattr(expert_mlp, linear_name)
+                adapter = (next(iter(wrapper.adapters.values())) if isinstance(wrapper, RaSAColumnParallelLinear)
+                           else wrapper.adapter if isinstance(wrapper, RaSARowParallelLinear) else None)
+                if adapter is not None:
+                    units[(index, path, adapter.expert_index)] = adapter
     return units
 
 
 def load_hf_adapter_(model_chunks, hf_adapter: dict[str, torch.Tensor], layers_path: str = "model.layers") -> None:
     """Copy this rank's slices of a single-process HF RaSA adapter (``adapter_state_dict`` keys:
     ``model.layers.{i}.self_attn.q_proj.A_private``, ``rasa_pools.self_attn.q_proj.A_shared``, ...) in."""
-    for (index, path), unit in megatron_rasa_units(model_chunks).items():
+    for key, unit in megatron_rasa_units(model_chunks).items():
+        index, path = key[:2]
         prefix = f"{layers_path}.{index}.{path}"
         pool = f"rasa_pools.{path}"
-        unit.load_full_(hf_adapter.get(f"{prefix}.A_private"), hf_adapter.get(f"{prefix}.B_private"),
-                        hf_adapter.get(f"{pool}.A_shared"), hf_adapter.get(f"{pool}.B_shared"),
-                        hf_adapter[f"{prefix}.diag"])
+        names = (f"{prefix}.A_private", f"{prefix}.B_private", f"{pool}.A_shared", f"{pool}.B_shared", f"{prefix}.diag")
+        tensors = [hf_adapter.get(name) for name in names]
+        if len(key) == 3:  # stacked expert tensors [E, ...]: this expert's slice
+            tensors = [None if t is None else t[key[2]] for t in tensors]
+        unit.load_full_(*tensors)

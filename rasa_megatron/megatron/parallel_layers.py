@@ -135,7 +135,8 @@ class ShardedRankPool(nn.Module):
         local_rank = len(self.owned_layers) * self.rank_per_layer
         self.A_shared = nn.Parameter(torch.empty(local_rank, self.in_features, dtype=dtype))
         self.B_shared = nn.Parameter(torch.empty(self.out_features, local_rank, dtype=dtype))
-        _mark_partial(self.A_shared if parallel == COLUMN else self.B_shared)
+        if tp_size > 1:
+            _mark_partial(self.A_shared if parallel == COLUMN else self.B_shared)
         self.full_A = self.full_B = None
         self.reset_parameters(generator)
 
@@ -248,7 +249,8 @@ class ShardedRaSA(MergeableUpdate, nn.Module):
         self.diag = nn.Parameter(torch.empty(private_rank + self.pool_rank, dtype=dtype))
         replicated_partial = [self.diag] + [p for p in ((self.A_private,) if parallel == COLUMN else (self.B_private,))
                                             if p is not None]
-        _mark_partial(*replicated_partial)
+        if tp_size > 1:
+            _mark_partial(*replicated_partial)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         object.__setattr__(self, "_base_weight_fn", None)
         self.reset_parameters(generator)
@@ -418,7 +420,9 @@ class RaSAColumnParallelLinear(nn.Module):
 
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
         base, maps = self.base_layer, _megatron_mappings()
-        if base.sequence_parallel:
+        if getattr(base, "explicit_expert_comm", False):  # MoE expert: the token dispatcher communicates
+            total = input_
+        elif base.sequence_parallel:
             total = maps.gather_from_sequence_parallel_region(input_, group=base.tp_group)
         else:
             total = maps.copy_to_tensor_model_parallel_region(input_, group=base.tp_group)
@@ -461,7 +465,9 @@ class RaSARowParallelLinear(nn.Module):
             A, B = adapter.factors()
             h = F.linear(adapter.dropout(x).to(adapter.diag.dtype), A)  # partial sum over TP ranks
             partial = partial + F.linear(h * adapter.diag, B).to(partial.dtype)
-        if base.sequence_parallel:
+        if getattr(base, "explicit_expert_comm", False):  # MoE expert: the token dispatcher reduces
+            output = partial
+        elif base.sequence_parallel:
             output = maps.reduce_scatter_to_sequence_parallel_region(partial, group=base.tp_group)
         else:
             output = maps.reduce_from_tensor_model_parallel_region(partial, group=base.tp_group)

@@ -9,8 +9,8 @@ import torch.distributed as dist
 LAYERS, R, K = 4, 4, 1
 
 
-def init_cpu_megatron(tp: int, pp: int, vpp: int = 1):
-    """gloo process group + Megatron parallel state, with the two narrow CPU test shims."""
+def init_cpu_megatron(tp: int, pp: int, vpp: int = 1, **parallel):
+    """gloo process group + Megatron parallel state, with narrow CPU test shims."""
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     # Test shim (CPU-only torch): Megatron 0.16's rotary embedding and sequence-parallel collectives
@@ -23,8 +23,12 @@ def init_cpu_megatron(tp: int, pp: int, vpp: int = 1):
     # Test shim: under sequence parallelism the embedding forks Megatron's CUDA RNG tracker (for
     # dropout, 0 here), whose states need CUDA to be created; fork into the default CPU RNG instead.
     tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+    # Megatron 0.16.1 bug without Transformer Engine: the MoE router reads moe_utils.te_general_gemm,
+    # which is only defined when TE imports; define the missing fallback (None = plain matmul path).
+    from megatron.core.transformer.moe import moe_utils
+    moe_utils.te_general_gemm = getattr(moe_utils, "te_general_gemm", None)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
+                                             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None, **parallel)
     return parallel_state
 
 

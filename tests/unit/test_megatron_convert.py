@@ -59,3 +59,32 @@ def test_megatron_to_hf_needs_every_rank():
         megatron_to_hf({(0, 0): hf_to_megatron(state, config, 0, 2)}, config)
     with pytest.raises(ValueError, match=r"pipeline ranks are missing"):
         megatron_to_hf({(0, 0): hf_to_megatron(state, config, 0, 1, 0, 2)}, config)
+
+
+def test_megatron_targets_are_checked_against_the_hf_names():
+    from rasa_megatron import RaSAConfig
+    from rasa_megatron.megatron.inject import _hf_types
+
+    assert _hf_types(RaSAConfig(target_modules=("v_proj", "q_proj"), target_parameters=("experts.down_proj",))) == (
+        ["self_attn.q_proj", "self_attn.v_proj"], ["mlp.experts.down_proj"])
+    with pytest.raises(ValueError, match=r"unknown target module\(s\) \['linear_qkv'\].*'q_proj'"):
+        _hf_types(RaSAConfig(target_modules=("linear_qkv",)))
+    with pytest.raises(ValueError, match=r"unknown target parameter 'experts.w1'.*mlp.experts.gate_up_proj"):
+        _hf_types(RaSAConfig(target_modules=(), target_parameters=("experts.w1",)))
+
+
+def test_mixtral_experts_split_by_expert_parallel_rank():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    state = MixtralForCausalLM(config).state_dict()
+    shard = hf_to_megatron(state, config, 0, 1, ep_rank=1, ep_size=2)
+    assert torch.equal(shard["decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"],
+                       state["model.layers.1.mlp.experts.gate_up_proj"][2])
+    assert torch.equal(shard["decoder.layers.0.mlp.router.weight"], state["model.layers.0.mlp.gate.weight"])
+    with pytest.raises(ValueError, match="num_local_experts = 4 is not divisible by expert-parallel size = 3"):
+        hf_to_megatron(state, config, 0, 1, ep_rank=0, ep_size=3)
+    with pytest.raises(ValueError, match="does not convert MoE"):
+        megatron_to_hf({(0, 0): shard}, config)
