@@ -30,7 +30,7 @@ def main():
     from rasa_megatron import RaSAConfig, adapter_state_dict, apply_rasa
     from rasa_megatron.megatron import apply_rasa_megatron, megatron_rasa_units
     from rasa_megatron.megatron.convert import build_gpt_model, hf_to_megatron, transformer_config_from_hf
-    from rasa_megatron.megatron.inject import load_hf_adapter_
+    from rasa_megatron.megatron.inject import gather_hf_adapter, load_hf_adapter_
 
     hf_config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
@@ -84,6 +84,12 @@ def main():
 
     compare("init", init_adapter, grads=False)
     load_hf_adapter_([model], {key: p.detach() for key, p in adapter_state_dict(hf).items()})
+    assembled = gather_hf_adapter([model])  # Megatron -> HF adapter, experts stacked again
+    round_trip = None
+    if assembled is not None:
+        reference = adapter_state_dict(hf)
+        assert set(assembled) == set(reference), sorted(set(assembled) ^ set(reference))[:4]
+        round_trip = max((assembled[key] - reference[key].detach()).abs().max().item() for key in reference)
 
     seq, batch = 10, 2
     data = [torch.randint(0, 64, (batch, seq + 1), generator=torch.Generator().manual_seed(10 + r)) for r in range(ep)]
@@ -118,7 +124,8 @@ def main():
     report_worst(worst)
     if rank == 0:
         print("RESULT " + json.dumps({"ep": ep, "worst": worst, "units": len(units),
-                                      "expert_units": sum(len(k) == 3 for k in units)}), flush=True)
+                                      "expert_units": sum(len(k) == 3 for k in units),
+                                      "adapter_round_trip": round_trip}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -34,7 +34,7 @@ def main():
     args = parser.parse_args()
     from rasa_megatron import adapter_state_dict
     from rasa_megatron.megatron import finalize_rasa_grads, gather_pipeline_pools, megatron_rasa_units
-    from rasa_megatron.megatron.inject import load_hf_adapter_
+    from rasa_megatron.megatron.inject import gather_hf_adapter, load_hf_adapter_
 
     tp, pp, vpp = args.tp, args.pp, args.vpp
     parallel_state = init_cpu_megatron(tp, pp, vpp)
@@ -84,6 +84,13 @@ def main():
 
     compare_adapter("init", init_adapter, grads=False)
     load_hf_adapter_(chunks, {key: p.detach() for key, p in adapter_state_dict(hf).items()})
+    # Megatron -> HF adapter: the shards of every rank assemble to the HF adapter exactly
+    assembled = gather_hf_adapter(chunks)
+    round_trip = None
+    if assembled is not None:
+        reference = adapter_state_dict(hf)
+        assert set(assembled) == set(reference), sorted(set(assembled) ^ set(reference))[:4]
+        round_trip = max((assembled[key] - reference[key].detach()).abs().max().item() for key in reference)
 
     # ---- data: 2 micro-batches of [2, 12] ----------------------------------------------------------
     seq, batch, micro = 12, 2, 2
@@ -137,7 +144,8 @@ def main():
     report_worst(worst)  # over all ranks: logits and loss are checked on the last stage
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({"tp": tp, "pp": pp, "vpp": vpp, "sp": args.sp, "worst": worst,
-                                      "collectives_per_step": collectives, "units": len(units)}), flush=True)
+                                      "collectives_per_step": collectives, "units": len(units),
+                                      "adapter_round_trip": round_trip}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

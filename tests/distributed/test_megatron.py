@@ -59,6 +59,7 @@ def test_megatron_gpt_with_rasa_equals_hf_llama_with_rasa(layout):
     nproc, args = GPT_LAYOUTS[layout]
     result = run_worker("megatron_rasa_gpt_worker.py", nproc, *args)
     assert result["worst"]["init"] == 0.0
+    assert result["adapter_round_trip"] == 0.0  # gather_hf_adapter(load_hf_adapter_(x)) == x
     assert all(v <= 1e-5 for v in result["worst"].values()), result["worst"]
     pp, tp = result["pp"], result["tp"]
     want = {"pp_all_gather": int(pp > 1), "pp_reduce_scatter": int(pp > 1), "tp_all_reduce": int(tp > 1)}
@@ -88,3 +89,4 @@ def test_megatron_moe_expert_parallel_rasa_equals_hf_mixtral_rasa():
     assert result["worst"]["init"] == 0.0
     assert all(v <= 1e-5 for v in result["worst"].values()), result["worst"]
     assert result["expert_units"] == 2 * 2 * 2  # layers x local experts x (fc1, fc2)
+    assert result["adapter_round_trip"] == 0.0
