@@ -1,4 +1,5 @@
-"""RaSA / LoRA / full fine-tuning with DeepSpeed (ZeRO-2/3, offload), from a YAML recipe.
+"""RaSA / LoRA / full fine-tuning with DeepSpeed (ZeRO-2/3, offload) or Megatron-core (TP x PP x DP,
+``engine: megatron`` in the recipe, RaSA/LoRA only), from a YAML recipe.
 
     deepspeed --num_nodes 8 --num_gpus 8 --hostfile hostfile examples/pretrain_rasa.py \\
         --config examples/configs/llama3_70b_rasa.yaml
@@ -59,6 +60,14 @@ def main(argv=None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if recipe.engine == "megatron":
+        if args.resume:
+            print("error: --resume is not supported with engine: megatron yet", file=sys.stderr)
+            return 2
+        from rasa_megatron.megatron.trainer import run
+
+        run(recipe, stop_step=args.stop_after)
+        return 0
     from rasa_megatron import trainer
 
     if args.portable and not args.resume:

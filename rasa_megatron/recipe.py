@@ -21,7 +21,7 @@ from .config import LLAMA_LINEARS, RaSAConfig
 METHODS = ("rasa", "lora", "full")
 DATA_MODES = ("pretrain", "sft")
 PRECISIONS = ("bf16", "fp32")
-ENGINES = ("deepspeed",)
+ENGINES = ("deepspeed", "megatron")
 
 
 class RecipeError(ValueError):
@@ -103,9 +103,20 @@ class OutputSection:
 
 
 @dataclass
+class MegatronSection:
+    """Parallel layout for ``engine: megatron`` (data parallel = world / (tensor x pipeline))."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
 class Recipe:
     engine: str = "deepspeed"
     deepspeed: str | None = None
+    megatron: MegatronSection = field(default_factory=MegatronSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     adapter: AdapterSection = field(default_factory=AdapterSection)
@@ -126,7 +137,7 @@ class Recipe:
 
 
 _SECTIONS = {"model": ModelSection, "data": DataSection, "adapter": AdapterSection, "train": TrainSection,
-             "output": OutputSection}
+             "output": OutputSection, "megatron": MegatronSection}
 
 
 def _build_section(name: str, cls, values, where: str):
@@ -270,11 +281,15 @@ def validate_recipe(recipe: Recipe, world_size: int, require_data: bool = True) 
         value = getattr(t, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise RecipeError(f"train.{name} must be a positive integer, got {value!r}")
-    per_step = t.micro_batch_size * world_size
+    data_parallel = world_size
+    if recipe.engine == "megatron":
+        data_parallel = _validate_megatron(recipe, world_size)
+    per_step = t.micro_batch_size * data_parallel
     if t.global_batch_size % per_step:
+        what = "world_size" if recipe.engine == "deepspeed" else "data-parallel size"
         raise RecipeError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x world_size = "
-            f"{t.micro_batch_size} x {world_size} = {per_step}; use a multiple of {per_step}")
+            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x {what} = "
+            f"{t.micro_batch_size} x {data_parallel} = {per_step}; use a multiple of {per_step}")
     if t.max_steps is not None and (not isinstance(t.max_steps, int) or t.max_steps <= 0):
         raise RecipeError(f"train.max_steps must be a positive integer or null, got {t.max_steps!r}")
     if not t.epochs > 0:
@@ -285,6 +300,8 @@ def validate_recipe(recipe: Recipe, world_size: int, require_data: bool = True) 
         raise RecipeError(f"train.betas must be two numbers in [0, 1), got {t.betas!r}")
     if not 0 <= t.warmup_ratio < 1:
         raise RecipeError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio!r}")
+    if recipe.engine == "megatron":
+        return t.global_batch_size // per_step
     if recipe.deepspeed is None:
         raise RecipeError("deepspeed: path to a DeepSpeed JSON (e.g. examples/configs/ds_zero3.json) is required")
     if not Path(recipe.deepspeed).is_file():
@@ -294,3 +311,37 @@ def validate_recipe(recipe: Recipe, world_size: int, require_data: bool = True) 
     except json.JSONDecodeError as err:
         raise RecipeError(f"deepspeed config {recipe.deepspeed!r} is not valid JSON: {err}") from err
     return t.global_batch_size // per_step
+
+
+def _validate_megatron(recipe: Recipe, world_size: int) -> int:
+    """Check the Megatron layout against the launch and the model; return the data-parallel size."""
+    mg = recipe.megatron
+    sizes = {"tensor_model_parallel_size": mg.tensor_model_parallel_size,
+             "pipeline_model_parallel_size": mg.pipeline_model_parallel_size,
+             "virtual_pipeline_model_parallel_size": mg.virtual_pipeline_model_parallel_size}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RecipeError(f"megatron.{name} must be a positive integer, got {value!r}")
+    model_parallel = mg.tensor_model_parallel_size * mg.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise RecipeError(f"world size {world_size} is not divisible by tensor x pipeline parallel = "
+                          f"{mg.tensor_model_parallel_size} x {mg.pipeline_model_parallel_size} = {model_parallel}")
+    if recipe.adapter.method == "full":
+        raise RecipeError("engine: megatron trains adapters (adapter.method rasa or lora); use engine: deepspeed "
+                          "for full fine-tuning")
+    from transformers import AutoConfig
+
+    from .megatron.convert import check_parallel_sizes
+
+    source = recipe.model.config or recipe.model.path
+    if source is not None and Path(source).exists():
+        hf_config = AutoConfig.from_pretrained(source)
+        if getattr(hf_config, "num_local_experts", None):
+            raise RecipeError("engine: megatron does not train MoE models yet (expert-parallel data handling); "
+                              "use engine: deepspeed for Mixtral")
+        try:
+            check_parallel_sizes(hf_config, mg.tensor_model_parallel_size,
+                                 mg.pipeline_model_parallel_size, mg.virtual_pipeline_model_parallel_size)
+        except ValueError as err:
+            raise RecipeError(f"megatron: {err}") from err
+    return world_size // model_parallel

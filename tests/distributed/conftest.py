@@ -22,6 +22,7 @@ def workspace(tmp_path_factory):
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(root / "tokenizer")
     (root / "tiny_llama.json").write_text(json.dumps(TINY_LLAMA))
     (root / "tiny_mixtral.json").write_text(json.dumps(TINY_MIXTRAL))
+    (root / "tiny_llama4.json").write_text(json.dumps({**TINY_LLAMA, "num_hidden_layers": 4}))  # PP 2 x VPP 2
     problems = generate_problems(64, seed=5)
     with open(root / "sft.jsonl", "w") as handle:
         for p in problems:

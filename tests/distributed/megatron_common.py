@@ -1,6 +1,5 @@
 """Shared set-up of the Megatron CPU workers: process groups, CPU shims, the tiny HF Llama with a
 RaSA adapter (the single-process reference) and this rank's Megatron GPTModel chunks."""
-import contextlib
 from types import SimpleNamespace
 
 import torch
@@ -10,23 +9,14 @@ LAYERS, R, K = 4, 4, 1
 
 
 def init_cpu_megatron(tp: int, pp: int, vpp: int = 1, **parallel):
-    """gloo process group + Megatron parallel state, with narrow CPU test shims."""
+    """gloo process group + Megatron parallel state on a CPU-only torch."""
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    # Test shim (CPU-only torch): Megatron 0.16's rotary embedding and sequence-parallel collectives
-    # place tensors on torch.cuda.current_device(); here that device is the CPU.
-    torch.cuda.current_device = lambda: "cpu"
-    # Test shim: dist_checkpointing's file writer calls torch.cuda.synchronize() before copying
-    # tensors; with CPU tensors there is nothing to wait for.
-    torch.cuda.synchronize = lambda *a, **k: None
-    from megatron.core import parallel_state, tensor_parallel
-    # Test shim: under sequence parallelism the embedding forks Megatron's CUDA RNG tracker (for
-    # dropout, 0 here), whose states need CUDA to be created; fork into the default CPU RNG instead.
-    tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
-    # Megatron 0.16.1 bug without Transformer Engine: the MoE router reads moe_utils.te_general_gemm,
-    # which is only defined when TE imports; define the missing fallback (None = plain matmul path).
-    from megatron.core.transformer.moe import moe_utils
-    moe_utils.te_general_gemm = getattr(moe_utils, "te_general_gemm", None)
+    from megatron.core import parallel_state
+
+    from rasa_megatron.megatron.cpu_compat import enable_cpu_megatron
+
+    enable_cpu_megatron()  # CPU-only torch: Megatron's CUDA device references -> CPU (documented there)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None, **parallel)
     return parallel_state

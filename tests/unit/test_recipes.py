@@ -148,7 +148,8 @@ for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", sys.argv[3]):
 
 @pytest.mark.parametrize("template,config", [("llama3_70b_rasa.sbatch", "llama3_70b_rasa.yaml"),
                                              ("mixtral_8x7b_rasa.sbatch", "mixtral_8x7b_rasa.yaml"),
-                                             ("torchrun_srun.sbatch", "llama3_70b_rasa.yaml")])
+                                             ("torchrun_srun.sbatch", "llama3_70b_rasa.yaml"),
+                                             ("llama3_70b_rasa_megatron.sbatch", "llama3_70b_rasa_megatron.yaml")])
 def test_slurm_templates_render_hostfile_and_command(tmp_path, template, config):
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -183,3 +184,17 @@ def test_slurm_template_refuses_inconsistent_allocation(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "examples" / "slurm" / "llama3_70b_rasa.sbatch")], capture_output=True,
                           text=True, env=env, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "expands to 4 hosts but SLURM_JOB_NUM_NODES=8" in proc.stderr
+
+
+def test_megatron_recipe_layout_is_validated():
+    recipe = load_recipe(CONFIGS / "llama3_70b_rasa_megatron.yaml")
+    assert recipe.engine == "megatron" and recipe.megatron.tensor_model_parallel_size == 8
+    assert validate_recipe(recipe, world_size=64, require_data=False) == 192 // (1 * 4)  # DP 4: 48 micro-batches
+    with pytest.raises(RecipeError, match=r"world size 60 is not divisible by tensor x pipeline parallel = 8 x 2"):
+        validate_recipe(recipe, world_size=60, require_data=False)
+    recipe.megatron.pipeline_model_parallel_size = 3
+    with pytest.raises(RecipeError, match=r"num_hidden_layers = 80 is not divisible by pipeline-parallel size = 3"):
+        validate_recipe(recipe, world_size=48, require_data=False)
+    mixtral = load_recipe(CONFIGS / "mixtral_8x7b_rasa.yaml", ["engine=megatron"])
+    with pytest.raises(RecipeError, match="does not train MoE models yet"):
+        validate_recipe(mixtral, world_size=64, require_data=False)

@@ -1,0 +1,271 @@
+"""``examples/pretrain_rasa.py`` with ``engine: megatron``: RaSA fine-tuning of a HF checkpoint as a
+Megatron-core GPTModel on a TP x PP (x VPP) x DP layout, driven by Megatron's own pipeline schedules.
+
+Per optimizer step: the pipeline-sharded pools are all-gathered once, Megatron's
+``get_forward_backward_func()`` runs the micro-batches of this data-parallel rank, and the schedule's
+``finalize_model_grads_func`` finishes the RaSA gradients (PP reduce-scatter, TP all-reduce of
+partial grads, data-parallel mean); the global gradient norm is clipped over the model-parallel
+group; the adapter parameters (fp32) step with LionW/AdamW. Same data plan, loss averaging, init
+and schedule as the DeepSpeed path, so both match the single-process reference. At the end the
+adapter is assembled on rank 0 (:func:`gather_hf_adapter`) and written in the project format and
+as a PEFT LoRA export. Base weights stream from the checkpoint's safetensors: each rank reads only
+the tensors its shards need.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data import global_batch_plan, load_raw_dataset, micro_batches_for_rank, tokenize_dataset
+from ..recipe import Recipe
+from .inject import apply_rasa_megatron, gather_hf_adapter
+from .parallel_layers import PARTIAL_GRAD_ATTR, finalize_rasa_grads, gather_pipeline_pools
+
+
+class SafetensorsCheckpoint:
+    """Read-on-access mapping over a HF checkpoint directory's ``*.safetensors`` (sharded or not)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.where = json.loads(index.read_text())["weight_map"]
+        else:
+            from safetensors import safe_open
+
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors weights in {self.path}")
+            self.where = {}
+            for file in files:
+                with safe_open(file, "pt") as handle:
+                    self.where.update({key: file.name for key in handle.keys()})
+
+    def __contains__(self, key) -> bool:
+        return key in self.where
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if key not in self.where:
+            raise KeyError(f"{key} not in the checkpoint {self.path}")
+        with safe_open(self.path / self.where[key], "pt") as handle:
+            return handle.get_tensor(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+def _pad_micro_batch(features: list[dict], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Fixed-length right padding (Megatron's p2p needs one activation shape). The dataset's labels
+    are HF-style (aligned with the inputs, shifted inside the HF loss); Megatron's GPTModel scores
+    position ``t`` against ``labels[t]``, so they are shifted here: ``labels[t] = hf_labels[t + 1]``,
+    and ``loss_mask`` marks the positions whose next token has a label."""
+    batch = len(features)
+    input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
+    labels = torch.zeros((batch, seq_len), dtype=torch.long)
+    loss_mask = torch.zeros((batch, seq_len), dtype=torch.float32)
+    for row, feature in enumerate(features):
+        ids = torch.as_tensor(feature["input_ids"])[:seq_len]
+        target = torch.as_tensor(feature["labels"])[1:seq_len + 1]  # next-token labels
+        input_ids[row, :len(ids)] = ids
+        valid = target >= 0
+        labels[row, :len(target)] = torch.where(valid, target, torch.zeros_like(target))
+        loss_mask[row, :len(target)] = valid.float()
+    positions = torch.arange(seq_len).expand(batch, seq_len)
+    return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "position_ids": positions}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    per_token = model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"])
+
+    def loss_func(output):
+        mask = batch["loss_mask"]
+        loss = (output.float() * mask).sum() / mask.sum().clamp(min=1)
+        return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
+
+    return per_token, loss_func
+
+
+def _finalize_grads(parallel_state):
+    dp_group = parallel_state.get_data_parallel_group()
+
+    def finalize(model, *args, **kwargs):
+        finalize_rasa_grads(model)
+        grads = [p.grad for chunk in model for p in chunk.parameters() if p.requires_grad and p.grad is not None]
+        if grads and dist.get_world_size(dp_group) > 1:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=dp_group)
+            flat /= dist.get_world_size(dp_group)
+            for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                grad.copy_(synced)
+
+    return finalize
+
+
+def clip_grad_norm(params: list, max_norm: float, parallel_state) -> float:
+    """Global L2 norm over the whole model (TP shards and pipeline stages), each value counted once:
+    TP-replicated factors only on TP rank 0. Scales the grads in place when above ``max_norm``."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    squares = torch.zeros((), dtype=torch.float64)
+    for param in params:
+        if param.grad is not None and (not getattr(param, PARTIAL_GRAD_ATTR, False) or tp_rank == 0):
+            squares += param.grad.double().pow(2).sum()
+    dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
+    norm = squares.sqrt().item()
+    if max_norm and norm > max_norm:
+        for param in params:
+            if param.grad is not None:
+                param.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def _hf_model_with_adapter(hf_config, rasa_config, tensors: dict):
+    """A meta-device HF model carrying the real adapter tensors (for save_adapter / export_peft_lora)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..inject import adapter_state_dict, apply_rasa
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    apply_rasa(model, rasa_config)
+    for key, param in adapter_state_dict(model).items():
+        owner_path, _, name = key.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        owner._parameters[name] = torch.nn.Parameter(tensors[key].float(), requires_grad=False)
+    return model
+
+
+def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True) -> list[dict]:
+    """Train with Megatron-core; returns the per-step metrics on the rank that logs (others: [])."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from transformers import AutoConfig
+
+    from ..trainer import METRIC_FIELDS, _append_metrics, cosine_with_warmup, load_tokenizer, seed_everything
+    from .convert import build_gpt_model, hf_to_megatron, transformer_config_from_hf
+    from .cpu_compat import enable_cpu_megatron
+
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        enable_cpu_megatron()
+    mg, t, d = recipe.megatron, recipe.train, recipe.data
+    vpp = mg.virtual_pipeline_model_parallel_size
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=mg.tensor_model_parallel_size,
+                                             pipeline_model_parallel_size=mg.pipeline_model_parallel_size,
+                                             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
+    tp, pp = mg.tensor_model_parallel_size, mg.pipeline_model_parallel_size
+    tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    hf_config = AutoConfig.from_pretrained(recipe.model.path or recipe.model.config)
+    tconfig = transformer_config_from_hf(hf_config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                         sequence_parallel=mg.sequence_parallel, params_dtype=dtype,
+                                         bf16=dtype == torch.bfloat16,
+                                         **({"virtual_pipeline_model_parallel_size": vpp} if vpp > 1 else {}))
+    if t.gradient_checkpointing and cuda:
+        tconfig.recompute_granularity, tconfig.recompute_method, tconfig.recompute_num_layers = "full", "uniform", 1
+    seed_everything(t.seed)
+    base = SafetensorsCheckpoint(recipe.model.path) if recipe.model.path else None
+    chunks = []
+    for v in range(vpp):
+        model = build_gpt_model(tconfig, hf_config, pre_process=pp_rank == 0 and v == 0,
+                                post_process=pp_rank == pp - 1 and v == vpp - 1, cpu_attention=not cuda,
+                                vp_stage=v if vpp > 1 else None)
+        if base is not None:
+            state = hf_to_megatron(base, hf_config, tp_rank, tp, pp_rank, pp, v, vpp)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing = [m for m in missing if not m.endswith("_extra_state")]
+            if missing or unexpected:
+                raise RuntimeError(f"checkpoint does not fit the Megatron model: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
+        chunks.append(model.cuda() if cuda else model)
+    seed_everything(t.seed + 1)  # the DeepSpeed path's adapter seed: same init on every layout
+    apply_rasa_megatron(chunks, recipe.rasa_config(), adapter_dtype=torch.float32)
+    if cuda:
+        for chunk in chunks:
+            chunk.cuda()
+    tconfig.finalize_model_grads_func = _finalize_grads(parallel_state)
+    tconfig.batch_p2p_comm = cuda  # gloo has no batched isend/irecv
+    params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
+    if t.optimizer == "lion":
+        from lion_pytorch import Lion
+
+        optimizer = Lion(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+    tokenizer = load_tokenizer(recipe)
+    dataset = tokenize_dataset(load_raw_dataset(d.paths), tokenizer, d)
+    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+    steps_per_epoch = len(dataset) // t.global_batch_size
+    total = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, t.warmup_ratio))
+    forward_backward = get_forward_backward_func()
+    out_dir = Path(recipe.output.dir)
+    logs = pp_rank == pp - 1 and tp_rank == 0 and dp_rank == 0
+    if logs:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    steps = range(total if stop_step is None else min(total, stop_step))
+    bar = None
+    if logs and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(steps), desc="megatron", unit="step")
+    for step in steps:
+        start = time.perf_counter()
+        epoch = step // steps_per_epoch
+        plan = global_batch_plan(lengths, t.global_batch_size, t.seed, epoch, d.group_by_length)
+        micro = micro_batches_for_rank(plan[step % steps_per_epoch], t.micro_batch_size, dp_rank, dp_size)
+        batches = [_pad_micro_batch([dataset[int(i)] for i in indices], d.seq_len, tokenizer.pad_token_id)
+                   for indices in micro]
+        if cuda:
+            batches = [{k: v.cuda() for k, v in b.items()} for b in batches]
+        gather_pipeline_pools(chunks)
+        iterators = [iter(batches) for _ in chunks] if vpp > 1 else iter(batches)
+        losses = forward_backward(forward_step_func=_forward_step, data_iterator=iterators,
+                                  model=chunks if vpp > 1 else chunks[0], num_microbatches=len(batches),
+                                  seq_length=d.seq_len, micro_batch_size=t.micro_batch_size, forward_only=False)
+        norm = clip_grad_norm(params, t.max_grad_norm, parallel_state)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if logs:
+            loss = sum(float(x["loss"]) for x in losses) / len(losses)
+            tokens = sum(int(b["loss_mask"].sum()) for b in batches) * dp_size
+            seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
+            row = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens,
+                   "tokens_per_s_per_gpu": tokens / seconds / dist.get_world_size(), "step_seconds": seconds,
+                   "peak_mem_mib": peak}
+            rows.append(row)
+            _append_metrics(out_dir / "metrics.csv", {k: row[k] for k in METRIC_FIELDS})
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", grad_norm=f"{norm:.3f}")
+                bar.update()
+    if bar is not None:
+        bar.close()
+    adapter = gather_hf_adapter(chunks)
+    if adapter is not None and recipe.output.save_adapter:
+        from ..adapter import export_peft_lora, save_adapter
+
+        hf_model = _hf_model_with_adapter(hf_config, recipe.rasa_config(), adapter)
+        save_adapter(hf_model, out_dir / "adapter")
+        if recipe.output.export_peft:
+            export_peft_lora(hf_model, out_dir / "peft_adapter", base_model_name_or_path=recipe.model.path)
+    dist.barrier()
+    return rows
