@@ -1,12 +1,26 @@
 """Hugging Face Llama/Mistral <-> Megatron-core GPTModel (local spec) base weights, per TP x PP rank.
 
+Keys (HF ``model.layers.{i}.`` -> Megatron ``decoder.layers.{local i}.``; norms are ``torch.nn.RMSNorm``
+``weight`` in the local spec):
+
+* ``model.embed_tokens.weight`` -> ``embedding.word_embeddings.weight`` (first stage)
+* ``input_layernorm.weight`` -> ``input_layernorm.weight``
+* ``self_attn.{q,k,v}_proj.weight`` -> ``self_attention.linear_qkv.weight``
+* ``self_attn.o_proj.weight`` -> ``self_attention.linear_proj.weight``
+* ``post_attention_layernorm.weight`` -> ``pre_mlp_layernorm.weight``
+* ``mlp.{gate,up}_proj.weight`` -> ``mlp.linear_fc1.weight``; ``mlp.down_proj.weight`` -> ``mlp.linear_fc2.weight``
+* ``model.norm.weight`` -> ``decoder.final_layernorm.weight`` (last stage)
+* ``lm_head.weight`` (or, tied, ``model.embed_tokens.weight``) -> ``output_layer.weight`` (last stage;
+  absent when tied and first == last stage: Megatron's output layer then reads the embedding)
+
 Layouts (``g`` query groups, ``h/g`` query heads per group, ``d`` head dim, ``tp`` TP ranks):
 
 * ``linear_qkv.weight``: per query group ``[its h/g query heads ; its key head ; its value head]``,
   rows ``[g (h/g + 2) d, hidden]``; TP rank ``t`` holds groups ``[t g/tp, (t+1) g/tp)``.
 * ``linear_fc1.weight`` (SwiGLU): on TP rank ``t``, ``[gate rows of t ; up rows of t]``.
 * ``linear_proj`` / ``linear_fc2``: split on the input dim; embeddings / output layer: split on
-  the vocabulary (which ``tp`` must divide).
+  the vocabulary, which ``tp`` must divide (Megatron-core's VocabParallelEmbedding asserts it and
+  GPTModel pads nothing; Megatron-LM's scripts pad the tokenizer's vocabulary before building it).
 * PP rank ``p`` (of ``pp``, virtual stage ``v`` of ``vpp``) runs layers
   ``[(v pp + p) L_c, (v pp + p + 1) L_c)``, ``L_c = L / (pp vpp)``, numbered locally from 0.
 """
@@ -32,6 +46,23 @@ def _rope_theta(hf_config) -> float:
     return float(theta if theta is not None else getattr(hf_config, "rope_theta", 10000.0))
 
 
+def _sliding_window(hf_config) -> int | None:
+    """HF Mistral/Mixtral ``sliding_window`` (each query sees itself and the ``w - 1`` keys before it), or None."""
+    window = getattr(hf_config, "sliding_window", None)
+    if window is None or not getattr(hf_config, "use_sliding_window", True):
+        return None
+    if getattr(hf_config, "layer_types", None) and len(set(hf_config.layer_types)) > 1:
+        raise ValueError(f"layer_types {sorted(set(hf_config.layer_types))} (alternating attention) is not converted")
+    if window < 1:
+        raise ValueError(f"sliding_window = {window} must be at least 1")
+    return int(window)
+
+
+def _has_qkv_bias(hf_config) -> bool:
+    """Qwen2 has q/k/v biases without an ``attention_bias`` flag; Llama/Mistral declare theirs."""
+    return bool(getattr(hf_config, "attention_bias", getattr(hf_config, "model_type", None) == "qwen2"))
+
+
 def _head_dim(hf_config) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
@@ -50,13 +81,19 @@ def transformer_config_from_hf(hf_config, tensor_model_parallel_size: int = 1, p
                                sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
                                **overrides):
     """A Megatron ``TransformerConfig`` equal in function to a HF Llama/Mistral config (RMSNorm,
-    SwiGLU, no linear bias, GQA, rope), CPU-initialisable, all CUDA-only fusions off."""
+    SwiGLU, no linear bias, GQA with ``kv_channels = head_dim``, Mistral's sliding window as
+    ``window_size = (w - 1, 0)``, HF's attention dropout), CPU-initialisable, all CUDA-only fusions
+    off. Rope (``rotary_base``) is a GPTModel argument: see :func:`build_gpt_model`. Raises a
+    ValueError naming both numbers when a parallel size does not divide what it splits, and for
+    biases, non-SiLU activations and rope scaling."""
     from megatron.core.transformer import TransformerConfig
 
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported; Llama-style models use 'silu'")
-    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
-        raise ValueError("models with attention or MLP biases are not converted")
+    if _has_qkv_bias(hf_config) or getattr(hf_config, "mlp_bias", False):
+        raise ValueError(f"model_type {getattr(hf_config, 'model_type', None)!r} has attention or MLP biases, "
+                         "which are not converted")
+    _rope_theta(hf_config)  # rejects rope scaling here rather than at model build
     check_parallel_sizes(hf_config, tensor_model_parallel_size, pipeline_model_parallel_size,
                          overrides.get("virtual_pipeline_model_parallel_size") or 1)
     fields = dict(
@@ -65,12 +102,16 @@ def transformer_config_from_hf(hf_config, tensor_model_parallel_size: int = 1, p
         kv_channels=_head_dim(hf_config), ffn_hidden_size=hf_config.intermediate_size,
         normalization="RMSNorm", layernorm_epsilon=hf_config.rms_norm_eps, gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0,
-        attention_dropout=0.0, tensor_model_parallel_size=tensor_model_parallel_size,
+        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)),
+        tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size, sequence_parallel=sequence_parallel,
         params_dtype=params_dtype, pipeline_dtype=params_dtype, use_cpu_initialization=True,
         bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
     )
+    window = _sliding_window(hf_config)
+    if window is not None:  # Megatron's (left, right) window: keys [i - left, i + right] for query i
+        fields["window_size"] = (window - 1, 0)
     experts = getattr(hf_config, "num_local_experts", None)
     if experts:  # Mixtral: top-k on the router logits then softmax over the k == HF's softmax, top-k, renormalise
         fields.update(num_moe_experts=experts, moe_router_topk=hf_config.num_experts_per_tok,
@@ -117,6 +158,14 @@ def hf_to_megatron(hf_state: dict, hf_config, tp_rank: int, tp_size: int, pp_ran
     ``E / ep_size`` local experts ``mlp.experts.local_experts.{j}`` hold HF experts
     ``ep_rank E / ep_size + j`` (``linear_fc1 = gate_up_proj[e]`` ``[2I, H]``, ``linear_fc2 = down_proj[e]``)."""
     check_parallel_sizes(hf_config, tp_size, pp_size, vpp_size)
+    for name, rank, size in (("tp_rank", tp_rank, tp_size), ("pp_rank", pp_rank, pp_size),
+                             ("vp_stage", vp_stage, vpp_size), ("ep_rank", ep_rank, ep_size)):
+        if not 0 <= rank < size:
+            raise ValueError(f"{name} = {rank} is outside [0, {size})")
+    biases = [key for key in (HF_LAYER.format(0) + "self_attn.q_proj.bias", HF_LAYER.format(0) + "mlp.down_proj.bias")
+              if key in hf_state]
+    if biases:
+        raise ValueError(f"the HF state has biases ({biases[0]}, ...), which the bias-free Megatron layers cannot hold")
     num_experts = getattr(hf_config, "num_local_experts", None) or 0
     local_experts = _divisible(num_experts, ep_size, "num_local_experts", "expert-parallel size") if num_experts else 0
     groups = hf_config.num_key_value_heads

@@ -90,3 +90,13 @@ def test_megatron_moe_expert_parallel_rasa_equals_hf_mixtral_rasa():
     assert all(v <= 1e-5 for v in result["worst"].values()), result["worst"]
     assert result["expert_units"] == 2 * 2 * 2  # layers x local experts x (fc1, fc2)
     assert result["adapter_round_trip"] == 0.0
+
+
+def test_tensor_parallel_gpt_model_gives_hf_llama_logits():
+    """A GPTModel (base weights from the converter, no adapter) at TP=2 gives HF Llama's logits
+    (1e-5): untied and tied embeddings, each without and with sequence parallelism, in one launch."""
+    result = run_worker("megatron_gpt_worker.py", 2)
+    assert result["tp"] == 2
+    assert result["local_vocab"] == 96 // 2  # each rank held half the vocabulary
+    assert set(result["worst"]) == {"untied", "tied", "untied_sp", "tied_sp"}
+    assert all(v <= 1e-5 for v in result["worst"].values()), result["worst"]

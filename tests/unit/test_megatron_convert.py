@@ -1,11 +1,16 @@
-"""HF Llama <-> Megatron GPTModel base-weight conversion: bit-exact round trips on every layout and
-clear errors for sizes a layout cannot split (model-level logits are checked in
-tests/distributed/test_megatron.py)."""
+"""HF Llama <-> Megatron GPTModel base-weight conversion: bit-exact round trips on every layout,
+clear errors for sizes a layout cannot split, and a single-process GPTModel (gloo world of 1, CPU
+attention) giving HF's logits (TP=2 logits: tests/distributed/test_megatron_gpt.py)."""
+import socket
+from types import SimpleNamespace
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
 
-from rasa_megatron.megatron.convert import check_parallel_sizes, hf_to_megatron, megatron_to_hf, stage_layers
+from rasa_megatron.megatron.convert import (build_gpt_model, check_parallel_sizes, hf_to_megatron, megatron_to_hf,
+                                            stage_layers, transformer_config_from_hf)
+from rasa_megatron.megatron.cpu_attention import TorchDotProductAttention
 
 
 def tiny(tied=False, **overrides):
@@ -88,3 +93,164 @@ def test_mixtral_experts_split_by_expert_parallel_rank():
         hf_to_megatron(state, config, 0, 1, ep_rank=0, ep_size=3)
     with pytest.raises(ValueError, match="does not convert MoE"):
         megatron_to_hf({(0, 0): shard}, config)
+
+
+# ---- transformer_config_from_hf: sizes and features it refuses ----------------------------------------
+
+@pytest.mark.parametrize("overrides,tp,pp,message", [
+    ({}, 3, 1, "num_attention_heads = 4 is not divisible by tensor-parallel size = 3"),
+    ({}, 4, 1, "num_key_value_heads = 2 is not divisible by tensor-parallel size = 4"),
+    ({"intermediate_size": 49}, 2, 1, "intermediate_size = 49 is not divisible by tensor-parallel size = 2"),
+    ({"vocab_size": 95}, 2, 1, "vocab_size = 95 is not divisible by tensor-parallel size = 2"),
+    ({}, 1, 3, "num_hidden_layers = 4 is not divisible by pipeline-parallel size = 3"),
+    ({"hidden_act": "gelu"}, 1, 1, "hidden_act 'gelu' is not supported"),
+    ({"attention_bias": True}, 1, 1, "has attention or MLP biases"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}, 1, 1,
+     "rope_type 'linear' .rope scaling. is not converted"),
+])
+def test_transformer_config_names_what_it_cannot_convert(overrides, tp, pp, message):
+    config, _ = tiny(**overrides)
+    with pytest.raises(ValueError, match=message):
+        transformer_config_from_hf(config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+def test_transformer_config_follows_the_hf_config():
+    config = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                           sliding_window=5, attention_dropout=0.1)
+    tc = transformer_config_from_hf(config, tensor_model_parallel_size=2)
+    assert (tc.num_query_groups, tc.kv_channels, tc.ffn_hidden_size, tc.layernorm_epsilon) == (2, 16, 48, 1e-6)
+    assert tc.normalization == "RMSNorm" and tc.gated_linear_unit and not tc.add_bias_linear
+    assert tc.window_size == (4, 0) and tc.attention_dropout == 0.1 and tc.use_cpu_initialization
+    assert not (tc.bias_activation_fusion or tc.masked_softmax_fusion or tc.apply_rope_fusion
+                or tc.gradient_accumulation_fusion or tc.persist_layer_norm)
+    with pytest.raises(ValueError, match="'qwen2' has attention or MLP biases"):
+        transformer_config_from_hf(Qwen2Config(**dict(vocab_size=96, hidden_size=32, intermediate_size=48,
+                                                      num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2)))
+
+
+def test_hf_to_megatron_refuses_ranks_outside_the_layout_and_biases():
+    config, state = tiny()
+    with pytest.raises(ValueError, match=r"tp_rank = 2 is outside \[0, 2\)"):
+        hf_to_megatron(state, config, 2, 2)
+    with pytest.raises(ValueError, match=r"pp_rank = 1 is outside \[0, 1\)"):
+        hf_to_megatron(state, config, 0, 1, pp_rank=1)
+    with pytest.raises(ValueError, match=r"biases \(model.layers.0.self_attn.q_proj.bias"):
+        hf_to_megatron({**state, "model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}, config, 0, 1)
+
+
+# ---- the CPU core attention on its own ------------------------------------------------------------------
+
+class _Group:
+    def __init__(self, size):
+        self._size = size
+
+    def size(self):
+        return self._size
+
+
+def _attention(tp=1, heads=4, groups=2, head_dim=8, **config_fields):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    config, _ = tiny(num_attention_heads=heads, num_key_value_heads=groups, head_dim=head_dim)
+    tc = transformer_config_from_hf(config, tensor_model_parallel_size=tp, **config_fields)
+    return TorchDotProductAttention(tc, 1, AttnMaskType.causal, "self",
+                                    pg_collection=SimpleNamespace(tp=_Group(tp))).eval()
+
+
+def _reference_attention(q, k, v, allowed):
+    """Plain softmax attention, ``q [sq, b, np, d]``, ``k/v [sk, b, ng, d]``, ``allowed [sq, sk]``."""
+    repeat = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+    scores = torch.einsum("qbhd,kbhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("bhqk,kbhd->qbhd", probs, v).reshape(q.shape[0], q.shape[1], -1)
+
+
+def test_cpu_attention_matches_plain_softmax_attention():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(7, 2, n, 8, generator=gen, dtype=torch.float64) for n in (4, 2, 2))
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    attention = _attention()
+    want = _reference_attention(q, k, v, causal)
+    assert torch.allclose(attention(q, k, v, None), want, atol=1e-12)
+    assert torch.allclose(attention(q, k, v, ~causal[None, None]), want, atol=1e-12)  # Megatron's mask: True = masked
+    # decoding one token against a cache attends to every key
+    assert torch.allclose(attention(q[-1:], k, v, None), want[-1:], atol=1e-12)
+    # a sliding window of 3 keys: each query sees itself and the 2 keys before it
+    behind = torch.arange(7)[:, None] - torch.arange(7)[None, :]  # query index - key index
+    windowed = _attention(window_size=(2, 0))
+    assert torch.allclose(windowed(q, k, v, None), _reference_attention(q, k, v, (behind >= 0) & (behind <= 2)),
+                          atol=1e-12)
+
+
+def test_cpu_attention_takes_this_tensor_parallel_ranks_heads():
+    attention = _attention(tp=2)
+    assert (attention.num_attention_heads_per_partition, attention.num_query_groups_per_partition) == (2, 1)
+    q, k = torch.randn(5, 1, 2, 8), torch.randn(5, 1, 1, 8)
+    assert attention(q, k, k, None).shape == (5, 1, 16)
+    with pytest.raises(ValueError, match="query has 4 heads and key 2 groups; this TP rank expects 2 and 1"):
+        attention(torch.randn(5, 1, 4, 8), torch.randn(5, 1, 2, 8), torch.randn(5, 1, 2, 8), None)
+
+
+# ---- a single-process GPTModel against HF -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """A gloo world of size 1 with Megatron's model-parallel state (TP=PP=1), torn down afterwards."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    with pytest.MonkeyPatch.context() as patch:
+        # Test shim (CPU-only torch): Megatron's RotaryEmbedding.get_emb moves its inverse
+        # frequencies to torch.cuda.current_device() on the first forward.
+        patch.setattr(torch.cuda, "current_device", lambda: "cpu")
+        yield parallel_state
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _megatron_logits(hf_model, hf_config, input_ids):
+    torch.manual_seed(0)
+    model = build_gpt_model(transformer_config_from_hf(hf_config), hf_config).eval()
+    missing, unexpected = model.load_state_dict(hf_to_megatron(hf_model.state_dict(), hf_config, 0, 1), strict=False)
+    assert not [m for m in missing if not m.endswith("_extra_state")] and not unexpected, (missing, unexpected)
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    with torch.no_grad():
+        return model(input_ids, positions, None)  # [b, s, vocab] without labels
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_gpt_model_gives_hf_llama_logits(megatron_world, tied):
+    config, _ = tiny(tied, num_hidden_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+    got = _megatron_logits(hf, config, ids)
+    assert got.shape == want.shape == (2, 11, 96)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_gpt_model_gives_hf_mistral_sliding_window_logits(megatron_world):
+    fields = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8)
+    config = MistralConfig(**fields, sliding_window=4)
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(config).eval()
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+        unwindowed = MistralForCausalLM(MistralConfig(**fields, sliding_window=None)).eval()
+        unwindowed.load_state_dict(hf.state_dict())
+        assert (unwindowed(ids).logits - want).abs().max() > 1e-3  # the window matters at 11 tokens
+    assert (_megatron_logits(hf, config, ids) - want).abs().max().item() <= 1e-5
