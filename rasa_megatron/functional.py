@@ -39,6 +39,17 @@ def _check_factors(A_private, B_private, A_shared, B_shared, diag) -> None:
         raise ValueError(f"diag must have shape {[*lead, width]} (private + pooled ranks), got {list(diag.shape)}")
 
 
+def concat_factors(A_private: Tensor | None, B_private: Tensor | None, A_shared: Tensor | None,
+                   B_shared: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``[A_private ; A_shared]: [..., R, a]`` and ``[B_private | B_shared]: [..., b, R]`` (no copy when
+    one part is absent)."""
+    A_parts = [t for t in (A_private, A_shared) if t is not None]
+    B_parts = [t for t in (B_private, B_shared) if t is not None]
+    lora_A = A_parts[0] if len(A_parts) == 1 else torch.cat(A_parts, dim=-2)
+    lora_B = B_parts[0] if len(B_parts) == 1 else torch.cat(B_parts, dim=-1)
+    return lora_A, lora_B
+
+
 def rasa_linear(
     x: Tensor,
     A_private: Tensor | None,
@@ -65,10 +76,7 @@ def rasa_linear(
     Returns:
         ``[..., b]``.
     """
-    A_parts = [t for t in (A_private, A_shared) if t is not None]
-    B_parts = [t for t in (B_private, B_shared) if t is not None]
-    lora_A = A_parts[0] if len(A_parts) == 1 else torch.cat(A_parts, dim=0)
-    lora_B = B_parts[0] if len(B_parts) == 1 else torch.cat(B_parts, dim=1)
+    lora_A, lora_B = concat_factors(A_private, B_private, A_shared, B_shared)
     return F.linear(F.linear(x, lora_A) * diag, lora_B)
 
 
@@ -107,11 +115,8 @@ def lora_factors(
         (``[E, R, a]`` and ``[E, b, R]`` for stacked expert factors).
     """
     _check_factors(A_private, B_private, A_shared, B_shared, diag)
-    A_parts = [t for t in (A_private, A_shared) if t is not None]
-    B_parts = [t for t in (B_private, B_shared) if t is not None]
-    lora_A = torch.cat(A_parts, dim=-2)
-    lora_B = torch.cat(B_parts, dim=-1) * diag.to(B_parts[0].dtype).unsqueeze(-2)
-    return lora_A, lora_B
+    lora_A, lora_B = concat_factors(A_private, B_private, A_shared, B_shared)
+    return lora_A, lora_B * diag.to(lora_B.dtype).unsqueeze(-2)
 
 
 def rasa_delta(

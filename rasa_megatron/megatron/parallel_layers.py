@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..functional import initial_diag, kaiming_init_, rasa_delta
+from ..functional import concat_factors, initial_diag, kaiming_init_, rasa_delta, rasa_linear
 from ..layers import MergeableUpdate
 
 COLUMN, ROW = "column", "row"
@@ -64,6 +64,13 @@ def shard_of(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor
     """The ``rank``-th of ``size`` contiguous chunks of ``full`` along ``dim`` (a copy)."""
     check_divisible(full.shape[dim], size, f"dim {dim} of a {list(full.shape)} tensor", "the tensor-parallel size")
     return full.chunk(size, dim=dim)[rank].clone()
+
+
+def local_shard(full: torch.Tensor, factor: str, parallel: str, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This TP rank's part of a full-size factor: ``A`` is split on ``in`` (dim 1) in a row layer,
+    ``B`` on ``out`` (dim 0) in a column layer; the other factor is replicated (returned as is)."""
+    dim = {("A", ROW): 1, ("B", COLUMN): 0}.get((factor, parallel))
+    return full if dim is None else shard_of(full, dim, tp_rank, tp_size)
 
 
 def _dist_ckpt_groups(metadata):
@@ -156,8 +163,8 @@ class ShardedRankPool(nn.Module):
         rows = self.owned_rows()
         A = A_full.index_select(0, rows)
         B = B_full.index_select(1, rows)
-        self.A_shared.copy_(shard_of(A, 1, self.tp_rank, self.tp_size) if self.parallel == ROW else A)
-        self.B_shared.copy_(shard_of(B, 0, self.tp_rank, self.tp_size) if self.parallel == COLUMN else B)
+        self.A_shared.copy_(local_shard(A, "A", self.parallel, self.tp_rank, self.tp_size))
+        self.B_shared.copy_(local_shard(B, "B", self.parallel, self.tp_rank, self.tp_size))
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -264,18 +271,17 @@ class ShardedRaSA(MergeableUpdate, nn.Module):
         if self.A_private is not None:
             full_A = torch.empty(self.private_rank, self.in_features, dtype=self.A_private.dtype)
             kaiming_init_(full_A, generator)
-            self.A_private.copy_(shard_of(full_A, 1, self.tp_rank, self.tp_size) if self.parallel == ROW else full_A)
+            self.A_private.copy_(self._local(full_A, "A"))
             self.B_private.zero_()
         self.diag.copy_(initial_diag(self.alpha, self.private_rank, self.pool_rank))
 
+    def _local(self, full: torch.Tensor, factor: str) -> torch.Tensor:
+        return local_shard(full, factor, self.parallel, self.tp_rank, self.tp_size)
+
     def factors(self):
         """``(A [R, in_local], B [out_local, R])``: private and pooled ranks concatenated."""
-        A_S, B_S = (None, None) if self.pool is None else self.pool.pool_factors()
-        A_parts = [t for t in (self.A_private, A_S) if t is not None]
-        B_parts = [t for t in (self.B_private, B_S) if t is not None]
-        A = A_parts[0] if len(A_parts) == 1 else torch.cat(A_parts, dim=0)
-        B = B_parts[0] if len(B_parts) == 1 else torch.cat(B_parts, dim=1)
-        return A, B
+        A_private, B_private, A_S, B_S, _ = self.local_factors()
+        return concat_factors(A_private, B_private, A_S, B_S)
 
     def local_factors(self):
         A_S, B_S = (None, None) if self.pool is None else self.pool.pool_factors()
@@ -289,14 +295,9 @@ class ShardedRaSA(MergeableUpdate, nn.Module):
     def load_full_(self, A_private, B_private, A_shared, B_shared, diag) -> None:
         """Copy this rank's slice of full-size (single-process) factors in; the pool's too
         (``A_shared``/``B_shared`` the whole single-process pool)."""
-        dim_A, dim_B = (1, None) if self.parallel == ROW else (None, 0)
-
-        def take(t, dim):
-            return t if dim is None else shard_of(t, dim, self.tp_rank, self.tp_size)
-
         if self.A_private is not None:
-            self.A_private.copy_(take(A_private, dim_A))
-            self.B_private.copy_(take(B_private, dim_B))
+            self.A_private.copy_(self._local(A_private, "A"))
+            self.B_private.copy_(self._local(B_private, "B"))
         if self.pool is not None:
             self.pool.load_full_(A_shared, B_shared)
         self.diag.copy_(diag)
@@ -461,10 +462,9 @@ class RaSARowParallelLinear(nn.Module):
         x = input_ if base.input_is_parallel else maps.scatter_to_tensor_model_parallel_region(input_, group=base.tp_group)
         partial = F.linear(x, base.weight)
         adapter = self.adapter
-        if not adapter.merged:
-            A, B = adapter.factors()
-            h = F.linear(adapter.dropout(x).to(adapter.diag.dtype), A)  # partial sum over TP ranks
-            partial = partial + F.linear(h * adapter.diag, B).to(partial.dtype)
+        if not adapter.merged:  # x_shard A_shardᵀ is a partial sum over TP ranks, and so is this output
+            adapter_input = adapter.dropout(x).to(adapter.diag.dtype)
+            partial = partial + rasa_linear(adapter_input, *adapter.local_factors()).to(partial.dtype)
         if getattr(base, "explicit_expert_comm", False):  # MoE expert: the token dispatcher reduces
             output = partial
         elif base.sequence_parallel:
@@ -630,13 +630,22 @@ def finalize_rasa_grads(model, tp_group=None, pp_group=None) -> dict[str, int]:
         grad = param.grad if grad is None else grad
         if grad is not None:
             grads.append(grad)
-    if grads:
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=tp_group)
-        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)
-        counts["tp_all_reduce"] = 1
+    counts["tp_all_reduce"] = all_reduce_coalesced(grads, tp_group)
     return counts
+
+
+def all_reduce_coalesced(grads: list[torch.Tensor], group, divide_by: int = 1) -> int:
+    """Sum ``grads`` over ``group`` in one flat all-reduce (then divide by ``divide_by``), in place.
+    Returns the number of collectives issued (0 when there is nothing to reduce)."""
+    if not grads:
+        return 0
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    if divide_by != 1:
+        flat /= divide_by
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+    return 1
 
 
 def finalize_model_grads_with_rasa(model, *args, **kwargs):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..data import global_batch_plan, load_raw_dataset, micro_batches_for_rank, tokenize_dataset
 from ..recipe import Recipe
 from .inject import apply_rasa_megatron, gather_hf_adapter
-from .parallel_layers import PARTIAL_GRAD_ATTR, finalize_rasa_grads, gather_pipeline_pools
+from .parallel_layers import PARTIAL_GRAD_ATTR, all_reduce_coalesced, finalize_rasa_grads, gather_pipeline_pools
 
 
 class SafetensorsCheckpoint:
@@ -101,12 +101,8 @@ def _finalize_grads(parallel_state):
     def finalize(model, *args, **kwargs):
         finalize_rasa_grads(model)
         grads = [p.grad for chunk in model for p in chunk.parameters() if p.requires_grad and p.grad is not None]
-        if grads and dist.get_world_size(dp_group) > 1:
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=dp_group)
-            flat /= dist.get_world_size(dp_group)
-            for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                grad.copy_(synced)
+        if dist.get_world_size(dp_group) > 1:  # data-parallel mean
+            all_reduce_coalesced(grads, dp_group, divide_by=dist.get_world_size(dp_group))
 
     return finalize
 
