@@ -1,4 +1,5 @@
-"""Hugging Face Llama/Mistral <-> Megatron-core GPTModel (local spec) base weights, per TP x PP rank.
+"""Hugging Face Llama/Mistral/Mixtral <-> Megatron-core GPTModel (local spec) base weights, per TP x PP
+(x EP for MoE) rank.
 
 Keys (HF ``model.layers.{i}.`` -> Megatron ``decoder.layers.{local i}.``; norms are ``torch.nn.RMSNorm``
 ``weight`` in the local spec):
@@ -9,6 +10,10 @@ Keys (HF ``model.layers.{i}.`` -> Megatron ``decoder.layers.{local i}.``; norms 
 * ``self_attn.o_proj.weight`` -> ``self_attention.linear_proj.weight``
 * ``post_attention_layernorm.weight`` -> ``pre_mlp_layernorm.weight``
 * ``mlp.{gate,up}_proj.weight`` -> ``mlp.linear_fc1.weight``; ``mlp.down_proj.weight`` -> ``mlp.linear_fc2.weight``
+* Mixtral MoE (``E`` experts, SequentialMLP): ``mlp.gate.weight`` ``[E, H]`` -> ``mlp.router.weight``;
+  ``mlp.experts.gate_up_proj[e]`` ``[2I, H]`` / ``mlp.experts.down_proj[e]`` ``[H, I]`` ->
+  ``mlp.experts.local_experts.{j}.linear_fc1.weight`` / ``linear_fc2.weight`` on EP rank ``e // (E/ep)``,
+  ``j = e % (E/ep)``; experts are not TP-split (expert tensor parallel size 1), so every TP rank holds them whole
 * ``model.norm.weight`` -> ``decoder.final_layernorm.weight`` (last stage)
 * ``lm_head.weight`` (or, tied, ``model.embed_tokens.weight``) -> ``output_layer.weight`` (last stage;
   absent when tied and first == last stage: Megatron's output layer then reads the embedding)
@@ -210,11 +215,13 @@ def megatron_to_hf(states: dict[tuple, dict], hf_config) -> dict[str, torch.Tens
     """The exact inverse of :func:`hf_to_megatron`.
 
     Args:
-        states: ``{(tp_rank, pp_rank) or (tp_rank, pp_rank, vp_stage): state dict}`` covering every rank.
+        states: ``{(tp_rank, pp_rank) | (tp_rank, pp_rank, vp_stage) | (tp_rank, pp_rank, vp_stage, ep_rank):
+            state dict}`` covering every rank (a missing ``vp_stage`` / ``ep_rank`` is 0). MoE: ``ep_size`` is
+            ``1 +`` the largest ``ep_rank``; attention, norms and embeddings come from EP rank 0, experts from TP
+            rank 0, stacked back into ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``.
     """
-    if getattr(hf_config, "num_local_experts", None):
-        raise ValueError("megatron_to_hf does not convert MoE (Mixtral) checkpoints yet; hf_to_megatron does")
-    keys = {(k + (0,))[:3] for k in states}
+    num_experts = getattr(hf_config, "num_local_experts", None) or 0
+    keys = {(k + (0, 0))[:4] for k in states}
     d = _head_dim(hf_config)
     full_qkv = (hf_config.num_attention_heads + 2 * hf_config.num_key_value_heads) * d
     local_qkv = next(iter(states.values()))["decoder.layers.0.self_attention.linear_qkv.weight"].shape[0]
@@ -224,21 +231,36 @@ def megatron_to_hf(states: dict[tuple, dict], hf_config) -> dict[str, torch.Tens
     tp_size = full_qkv // local_qkv  # from the shard shapes, so a missing TP rank cannot pass unnoticed
     pp_size = 1 + max(k[1] for k in keys)
     vpp_size = 1 + max(k[2] for k in keys)
+    ep_size = 1 + max(k[3] for k in keys)
+    if ep_size > 1 and not num_experts:
+        raise ValueError(f"the states have {ep_size} expert-parallel ranks, the HF config has no experts")
+    local_experts = _divisible(num_experts, ep_size, "num_local_experts", "expert-parallel size") if num_experts else 0
     local_layers = len({key.split(".")[2] for key in next(iter(states.values())) if key.startswith("decoder.layers.")})
     if local_layers * pp_size * vpp_size != hf_config.num_hidden_layers:
         raise ValueError(f"the states hold {local_layers} layers per chunk on {pp_size} pipeline x {vpp_size} virtual "
                          f"stages, the model has {hf_config.num_hidden_layers} layers: pipeline ranks are missing")
     check_parallel_sizes(hf_config, tp_size, pp_size, vpp_size)
-    missing = [(t, p, v) for t in range(tp_size) for p in range(pp_size) for v in range(vpp_size)
-               if (t, p, v) not in keys]
+    ranks = [(t, p, v, e) for t in range(tp_size) for p in range(pp_size) for v in range(vpp_size)
+             for e in range(ep_size)]
+    missing = [rank for rank in ranks if rank not in keys]
     if missing:
+        if num_experts:
+            raise ValueError(f"megatron_to_hf needs every rank's state; missing (tp, pp, vp, ep) = {missing[:4]}")
+        missing = [rank[:3] for rank in missing]
         raise ValueError(f"megatron_to_hf needs every rank's state; missing (tp, pp, vp) = {missing[:4]}")
-    state = {(k + (0,))[:3]: v for k, v in states.items()}
+    state = {(k + (0, 0))[:4]: v for k, v in states.items()}
+    experts_prefix = "decoder.layers.0.mlp.experts.local_experts."
+    for rank in ranks if num_experts else ():
+        held = len({key[len(experts_prefix):].split(".")[0] for key in state[rank] if key.startswith(experts_prefix)})
+        if held != local_experts:
+            raise ValueError(f"the state of (tp, pp, vp, ep) = {rank} holds {held} experts per layer; "
+                             f"num_local_experts = {num_experts} on expert-parallel size = {ep_size} needs "
+                             f"{local_experts}: expert-parallel ranks are missing")
     groups, heads = hf_config.num_key_value_heads, hf_config.num_attention_heads
     d, hidden = _head_dim(hf_config), hf_config.hidden_size
 
     def cat(key, dim, p=0, v=0):
-        return torch.cat([state[(t, p, v)][key] for t in range(tp_size)], dim=dim)
+        return torch.cat([state[(t, p, v, 0)][key] for t in range(tp_size)], dim=dim)
 
     out = {"model.embed_tokens.weight": cat("embedding.word_embeddings.weight", 0)}
     for p in range(pp_size):
@@ -251,14 +273,22 @@ def megatron_to_hf(states: dict[tuple, dict], hf_config) -> dict[str, torch.Tens
                 out[dst + "self_attn.k_proj.weight"] = qkv[:, q_rows:q_rows + d].reshape(-1, hidden).clone()
                 out[dst + "self_attn.v_proj.weight"] = qkv[:, q_rows + d:].reshape(-1, hidden).clone()
                 out[dst + "self_attn.o_proj.weight"] = cat(src + "self_attention.linear_proj.weight", 1, p, v)
-                fc1 = [state[(t, p, v)][src + "mlp.linear_fc1.weight"].chunk(2) for t in range(tp_size)]
-                out[dst + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1])
-                out[dst + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1])
-                out[dst + "mlp.down_proj.weight"] = cat(src + "mlp.linear_fc2.weight", 1, p, v)
-                out[dst + "input_layernorm.weight"] = state[(0, p, v)][src + "input_layernorm.weight"].clone()
-                out[dst + "post_attention_layernorm.weight"] = state[(0, p, v)][src + "pre_mlp_layernorm.weight"].clone()
+                if num_experts:  # experts of EP rank e, TP rank 0 (not TP-split): HF experts e E/ep + j
+                    out[dst + "mlp.gate.weight"] = state[(0, p, v, 0)][src + "mlp.router.weight"].clone()
+                    for name, fc in (("gate_up_proj", "linear_fc1"), ("down_proj", "linear_fc2")):
+                        out[dst + "mlp.experts." + name] = torch.stack(
+                            [state[(0, p, v, e)][src + f"mlp.experts.local_experts.{j}.{fc}.weight"]
+                             for e in range(ep_size) for j in range(local_experts)])
+                else:
+                    fc1 = [state[(t, p, v, 0)][src + "mlp.linear_fc1.weight"].chunk(2) for t in range(tp_size)]
+                    out[dst + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1])
+                    out[dst + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1])
+                    out[dst + "mlp.down_proj.weight"] = cat(src + "mlp.linear_fc2.weight", 1, p, v)
+                out[dst + "input_layernorm.weight"] = state[(0, p, v, 0)][src + "input_layernorm.weight"].clone()
+                out[dst + "post_attention_layernorm.weight"] = state[(0, p, v, 0)][
+                    src + "pre_mlp_layernorm.weight"].clone()
     last = (pp_size - 1, vpp_size - 1)
-    out["model.norm.weight"] = state[(0, *last)]["decoder.final_layernorm.weight"].clone()
+    out["model.norm.weight"] = state[(0, *last, 0)]["decoder.final_layernorm.weight"].clone()
     if not hf_config.tie_word_embeddings:
         out["lm_head.weight"] = cat("output_layer.weight", 0, *last)
     return out

@@ -78,21 +78,50 @@ def test_megatron_targets_are_checked_against_the_hf_names():
         _hf_types(RaSAConfig(target_modules=(), target_parameters=("experts.w1",)))
 
 
-def test_mixtral_experts_split_by_expert_parallel_rank():
+def tiny_mixtral(num_hidden_layers=2):
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=num_hidden_layers,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(0)
-    state = MixtralForCausalLM(config).state_dict()
+    return config, MixtralForCausalLM(config).state_dict()
+
+
+def test_mixtral_experts_split_by_expert_parallel_rank():
+    config, state = tiny_mixtral()
     shard = hf_to_megatron(state, config, 0, 1, ep_rank=1, ep_size=2)
     assert torch.equal(shard["decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"],
                        state["model.layers.1.mlp.experts.gate_up_proj"][2])
     assert torch.equal(shard["decoder.layers.0.mlp.router.weight"], state["model.layers.0.mlp.gate.weight"])
     with pytest.raises(ValueError, match="num_local_experts = 4 is not divisible by expert-parallel size = 3"):
         hf_to_megatron(state, config, 0, 1, ep_rank=0, ep_size=3)
-    with pytest.raises(ValueError, match="does not convert MoE"):
-        megatron_to_hf({(0, 0): shard}, config)
+
+
+@pytest.mark.parametrize("tp,pp,vpp,ep", [(1, 1, 1, 1), (1, 1, 1, 2), (2, 2, 1, 2), (1, 2, 2, 4)])
+def test_mixtral_round_trip_is_exact(tp, pp, vpp, ep):
+    config, state = tiny_mixtral(num_hidden_layers=4)
+    shards = {(t, p, v, e): hf_to_megatron(state, config, t, tp, p, pp, v, vpp, e, ep)
+              for t in range(tp) for p in range(pp) for v in range(vpp) for e in range(ep)}
+    back = megatron_to_hf(shards, config)
+    assert set(back) == set(state)
+    for key in state:
+        assert torch.equal(back[key], state[key]), key
+    assert back["model.layers.3.mlp.experts.gate_up_proj"].shape == (4, 48, 16)
+    if ep == 1:  # 2- and 3-tuple keys mean EP rank 0
+        assert set(megatron_to_hf({k[:2]: s for k, s in shards.items()}, config)) == set(state)
+
+
+def test_mixtral_megatron_to_hf_needs_every_expert_parallel_rank():
+    config, state = tiny_mixtral()
+    shards = {(0, 0, 0, e): hf_to_megatron(state, config, 0, 1, ep_rank=e, ep_size=4) for e in range(4)}
+    with pytest.raises(ValueError, match=r"missing \(tp, pp, vp, ep\) = \[\(0, 0, 0, 2\)\]"):
+        megatron_to_hf({k: s for k, s in shards.items() if k[3] != 2}, config)
+    with pytest.raises(ValueError, match=r"holds 1 experts per layer; num_local_experts = 4 on expert-parallel "
+                                         r"size = 2 needs 2: expert-parallel ranks are missing"):
+        megatron_to_hf({k: s for k, s in shards.items() if k[3] < 2}, config)
+    whole = hf_to_megatron(state, config, 0, 1)
+    with pytest.raises(ValueError, match="num_local_experts = 4 is not divisible by expert-parallel size = 3"):
+        megatron_to_hf({(0, 0, 0, e): whole for e in range(3)}, config)
 
 
 # ---- transformer_config_from_hf: sizes and features it refuses ----------------------------------------
