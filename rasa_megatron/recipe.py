@@ -104,11 +104,13 @@ class OutputSection:
 
 @dataclass
 class MegatronSection:
-    """Parallel layout for ``engine: megatron`` (data parallel = world / (tensor x pipeline))."""
+    """Parallel layout for ``engine: megatron`` (data parallel = world / (tensor x pipeline)). Expert
+    parallelism (MoE) splits the experts over ``expert_model_parallel_size`` of the data-parallel ranks."""
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
 
 
@@ -318,7 +320,8 @@ def _validate_megatron(recipe: Recipe, world_size: int) -> int:
     mg = recipe.megatron
     sizes = {"tensor_model_parallel_size": mg.tensor_model_parallel_size,
              "pipeline_model_parallel_size": mg.pipeline_model_parallel_size,
-             "virtual_pipeline_model_parallel_size": mg.virtual_pipeline_model_parallel_size}
+             "virtual_pipeline_model_parallel_size": mg.virtual_pipeline_model_parallel_size,
+             "expert_model_parallel_size": mg.expert_model_parallel_size}
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RecipeError(f"megatron.{name} must be a positive integer, got {value!r}")
@@ -326,6 +329,10 @@ def _validate_megatron(recipe: Recipe, world_size: int) -> int:
     if world_size % model_parallel:
         raise RecipeError(f"world size {world_size} is not divisible by tensor x pipeline parallel = "
                           f"{mg.tensor_model_parallel_size} x {mg.pipeline_model_parallel_size} = {model_parallel}")
+    if (world_size // model_parallel) % mg.expert_model_parallel_size:
+        raise RecipeError(f"data-parallel size {world_size // model_parallel} (world {world_size} / tensor x pipeline "
+                          f"{model_parallel}) is not divisible by megatron.expert_model_parallel_size = "
+                          f"{mg.expert_model_parallel_size}: the experts are split over data-parallel ranks")
     if recipe.adapter.method == "full":
         raise RecipeError("engine: megatron trains adapters (adapter.method rasa or lora); use engine: deepspeed "
                           "for full fine-tuning")
@@ -336,9 +343,13 @@ def _validate_megatron(recipe: Recipe, world_size: int) -> int:
     source = recipe.model.config or recipe.model.path
     if source is not None and Path(source).exists():
         hf_config = AutoConfig.from_pretrained(source)
-        if getattr(hf_config, "num_local_experts", None):
-            raise RecipeError("engine: megatron does not train MoE models yet (expert-parallel data handling); "
-                              "use engine: deepspeed for Mixtral")
+        experts = getattr(hf_config, "num_local_experts", None) or 0
+        if mg.expert_model_parallel_size > 1 and not experts:
+            raise RecipeError(f"megatron.expert_model_parallel_size = {mg.expert_model_parallel_size} needs a MoE "
+                              f"model; {source} has no experts (num_local_experts)")
+        if experts % mg.expert_model_parallel_size:
+            raise RecipeError(f"num_local_experts = {experts} is not divisible by megatron.expert_model_parallel_size"
+                              f" = {mg.expert_model_parallel_size}")
         try:
             check_parallel_sizes(hf_config, mg.tensor_model_parallel_size,
                                  mg.pipeline_model_parallel_size, mg.virtual_pipeline_model_parallel_size)

@@ -2,9 +2,10 @@
 stages, post-build injection into GPT models (see parallel_layers.py and inject.py)."""
 from .inject import apply_rasa_megatron, gather_hf_adapter, load_hf_adapter_, megatron_rasa_units
 from .parallel_layers import (RaSAColumnParallelLinear, RaSARowParallelLinear, ShardedRankPool, ShardedRaSA,
-                              finalize_model_grads_with_rasa, finalize_rasa_grads, gather_pipeline_pools,
+                              check_megatron_ddp, finalize_model_grads_with_rasa, finalize_rasa_grads, gather_pipeline_pools,
                               reduce_scatter_pipeline_pool_grads)
 
 __all__ = ["RaSAColumnParallelLinear", "RaSARowParallelLinear", "ShardedRankPool", "ShardedRaSA",
-           "apply_rasa_megatron", "finalize_model_grads_with_rasa", "finalize_rasa_grads", "gather_hf_adapter", "gather_pipeline_pools", "load_hf_adapter_",
-           "megatron_rasa_units", "reduce_scatter_pipeline_pool_grads"]
+           "apply_rasa_megatron", "check_megatron_ddp", "finalize_model_grads_with_rasa", "finalize_rasa_grads",
+           "gather_hf_adapter", "gather_pipeline_pools", "load_hf_adapter_", "megatron_rasa_units",
+           "reduce_scatter_pipeline_pool_grads"]

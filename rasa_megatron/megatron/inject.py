@@ -210,6 +210,15 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
                                if parallel == COLUMN else RaSARowParallelLinear(base, adapter))
                     setattr(expert_mlp, linear_name, wrapped)
 
+    # Megatron's mark for expert parameters: its DDP reduces them over the expert-data-parallel group
+    # (the ranks holding the same experts), not over all data-parallel ranks
+    for key, adapter in adapters.items():
+        for param in (adapter.parameters() if len(key) == 3 else ()):
+            param.allreduce = False
+    for pool in expert_pools.values():
+        for param in pool.parameters():
+            param.allreduce = False
+
     registry = RaSAPools()
     for path, pool in pools.items():
         if pool is None:

@@ -535,6 +535,7 @@ def gather_pipeline_pools(model, pp_group=None) -> int:
     Call once per optimizer step, before the first forward (the weights do not change between
     micro-batches). One coalesced all-gather for all pools. Returns the number of collectives (0/1).
     """
+    check_megatron_ddp(model)
     pools = [p for p in rasa_pools_of(model) if not p.is_whole]
     if not pools:
         return 0
@@ -654,5 +655,25 @@ def finalize_model_grads_with_rasa(model, *args, **kwargs):
     step writes into ``main_grad`` before Megatron's data-parallel reduction reads it)."""
     from megatron.core.distributed import finalize_model_grads
 
+    check_megatron_ddp(model)
     finalize_rasa_grads(model)
     return finalize_model_grads(model, *args, **kwargs)
+
+
+def check_megatron_ddp(model) -> None:
+    """Refuse Megatron DDP settings under which RaSA's gradient/pool steps would race Megatron's:
+
+    * ``overlap_grad_reduce``: a bucket's data-parallel reduction starts from autograd hooks, but
+      pool and TP-partial gradients are completed later, by :func:`finalize_rasa_grads` (and pool
+      parameters get no autograd hook at all: their gradient arrives through the gathered pool);
+    * ``overlap_param_gather``: the distributed optimizer's parameter all-gather is finished in
+      forward pre-hooks, which never run for the pool modules whose slices
+      :func:`gather_pipeline_pools` reads before the first forward.
+    RaSA's gradients are ~1% of the model's; their non-overlapped reduction is cheap.
+    """
+    for chunk in (model if isinstance(model, (list, tuple)) else [model]):
+        ddp_config = getattr(chunk, "ddp_config", None)
+        for flag in ("overlap_grad_reduce", "overlap_param_gather"):
+            if ddp_config is not None and getattr(ddp_config, flag, False):
+                raise ValueError(f"DistributedDataParallelConfig({flag}=True) is not supported with RaSA adapters "
+                                 f"(see rasa_megatron.megatron.check_megatron_ddp); set {flag}=False")

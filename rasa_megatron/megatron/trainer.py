@@ -1,11 +1,15 @@
 """``examples/pretrain_rasa.py`` with ``engine: megatron``: RaSA fine-tuning of a HF checkpoint as a
 Megatron-core GPTModel on a TP x PP (x VPP) x DP layout, driven by Megatron's own pipeline schedules.
 
-Per optimizer step: the pipeline-sharded pools are all-gathered once, Megatron's
-``get_forward_backward_func()`` runs the micro-batches of this data-parallel rank, and the schedule's
-``finalize_model_grads_func`` finishes the RaSA gradients (PP reduce-scatter, TP all-reduce of
-partial grads, data-parallel mean); the global gradient norm is clipped over the model-parallel
-group; the adapter parameters (fp32) step with LionW/AdamW. Same data plan, loss averaging, init
+The model chunks are wrapped in Megatron's ``DistributedDataParallel`` (fp32 gradient buffers of
+the adapter parameters only: the base is frozen). Per optimizer step: the pipeline-sharded pools are
+all-gathered once, Megatron's ``get_forward_backward_func()`` runs the micro-batches of this
+data-parallel rank, and the schedule's ``finalize_model_grads_func``
+(:func:`finalize_model_grads_with_rasa`) finishes the RaSA gradients (PP reduce-scatter, TP all-reduce
+of partial grads) and then runs Megatron's own, whose DDP averages over data-parallel ranks, expert
+adapters (MoE, expert parallel) over the ranks holding the same experts; the global gradient norm is
+clipped over the model-parallel and expert-parallel groups; the adapter parameters (fp32) step with
+LionW/AdamW on their ``main_grad``. Same data plan, loss averaging, init
 and schedule as the DeepSpeed path, so both match the single-process reference. At the end the
 adapter is assembled on rank 0 (:func:`gather_hf_adapter`) and written in the project format and
 as a PEFT LoRA export. Base weights stream from the checkpoint's safetensors: each rank reads only
@@ -26,11 +30,29 @@ import torch.distributed as dist
 from ..data import global_batch_plan, load_raw_dataset, micro_batches_for_rank, tokenize_dataset
 from ..recipe import Recipe
 from .inject import apply_rasa_megatron, gather_hf_adapter
-from .parallel_layers import PARTIAL_GRAD_ATTR, all_reduce_coalesced, finalize_rasa_grads, gather_pipeline_pools
+from .parallel_layers import PARTIAL_GRAD_ATTR, finalize_model_grads_with_rasa, gather_pipeline_pools
+
+
+class _StackedExperts:
+    """Lazy ``[E, ...]`` view of one layer's experts in a Mixtral checkpoint as saved on disk (one
+    tensor per expert); ``view[e]`` reads expert ``e`` only, so an expert-parallel rank reads its experts."""
+
+    def __init__(self, checkpoint: "SafetensorsCheckpoint", keys_of_expert):
+        self.checkpoint, self.keys_of_expert = checkpoint, keys_of_expert
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        return torch.cat([self.checkpoint[key] for key in self.keys_of_expert(expert)])
 
 
 class SafetensorsCheckpoint:
-    """Read-on-access mapping over a HF checkpoint directory's ``*.safetensors`` (sharded or not)."""
+    """Read-on-access mapping over a HF checkpoint directory's ``*.safetensors`` (sharded or not).
+
+    Keys are those of the transformers-5 model in memory. Mixtral checkpoints on disk (the hub's and
+    what ``save_pretrained`` writes) keep the original names, which transformers converts at load time
+    (its ``conversion_mapping``: ``block_sparse_moe.`` -> ``mlp.``, per-expert ``w1``/``w3`` -> rows
+    ``[gate ; up]`` of ``experts.gate_up_proj[e]``, ``w2`` -> ``experts.down_proj[e]``); the same
+    mapping is applied here, expert by expert (see :class:`_StackedExperts`).
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -48,14 +70,31 @@ class SafetensorsCheckpoint:
                 with safe_open(file, "pt") as handle:
                     self.where.update({key: file.name for key in handle.keys()})
 
-    def __contains__(self, key) -> bool:
-        return key in self.where
+    def _on_disk(self, key: str):
+        """The on-disk source of an in-memory Mixtral MoE key: a key, a :class:`_StackedExperts`, or None."""
+        prefix, sep, leaf = key.partition(".mlp.")
+        moe = f"{prefix}.block_sparse_moe."
+        if not sep or f"{moe}gate.weight" not in self.where:
+            return None
+        if leaf == "gate.weight":
+            return f"{moe}gate.weight"
+        if leaf == "experts.gate_up_proj":
+            return _StackedExperts(self, lambda e: (f"{moe}experts.{e}.w1.weight", f"{moe}experts.{e}.w3.weight"))
+        if leaf == "experts.down_proj":
+            return _StackedExperts(self, lambda e: (f"{moe}experts.{e}.w2.weight",))
+        return None
 
-    def __getitem__(self, key: str) -> torch.Tensor:
+    def __contains__(self, key) -> bool:
+        return key in self.where or self._on_disk(key) is not None
+
+    def __getitem__(self, key: str):
         from safetensors import safe_open
 
         if key not in self.where:
-            raise KeyError(f"{key} not in the checkpoint {self.path}")
+            source = self._on_disk(key)
+            if source is None:
+                raise KeyError(f"{key} not in the checkpoint {self.path}")
+            return source if isinstance(source, _StackedExperts) else self[source]
         with safe_open(self.path / self.where[key], "pt") as handle:
             return handle.get_tensor(key)
 
@@ -95,28 +134,26 @@ def _forward_step(data_iterator, model):
     return per_token, loss_func
 
 
-def _finalize_grads(parallel_state):
-    dp_group = parallel_state.get_data_parallel_group()
-
-    def finalize(model, *args, **kwargs):
-        finalize_rasa_grads(model)
-        grads = [p.grad for chunk in model for p in chunk.parameters() if p.requires_grad and p.grad is not None]
-        if dist.get_world_size(dp_group) > 1:  # data-parallel mean
-            all_reduce_coalesced(grads, dp_group, divide_by=dist.get_world_size(dp_group))
-
-    return finalize
-
-
 def clip_grad_norm(params: list, max_norm: float, parallel_state) -> float:
-    """Global L2 norm over the whole model (TP shards and pipeline stages), each value counted once:
-    TP-replicated factors only on TP rank 0. Scales the grads in place when above ``max_norm``."""
+    """Global L2 norm over the whole model, each value counted once: dense parameters summed over the
+    model-parallel group (TP shards, pipeline stages; TP-replicated factors only on TP rank 0), expert
+    parameters (``allreduce = False``) over the expert tensor x expert x pipeline group (each expert
+    lives on one expert-parallel rank). Scales the grads in place when above ``max_norm``.
+    (Megatron's ``clip_grad_norm_fp32`` asserts CUDA tensors, so the same sum is written out here.)"""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    squares = torch.zeros((), dtype=torch.float64)
+    dense, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for param in params:
-        if param.grad is not None and (not getattr(param, PARTIAL_GRAD_ATTR, False) or tp_rank == 0):
-            squares += param.grad.double().pow(2).sum()
-    dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
-    norm = squares.sqrt().item()
+        if param.grad is None:
+            continue
+        if not getattr(param, "allreduce", True):
+            expert += param.grad.double().pow(2).sum().cpu()
+        elif not getattr(param, PARTIAL_GRAD_ATTR, False) or tp_rank == 0:
+            dense += param.grad.double().pow(2).sum().cpu()
+    device = params[0].device if params else "cpu"
+    dense, expert = dense.to(device), expert.to(device)
+    dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
+    dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+    norm = (dense + expert).sqrt().item()
     if max_norm and norm > max_norm:
         for param in params:
             if param.grad is not None:
@@ -143,6 +180,7 @@ def _hf_model_with_adapter(hf_config, rasa_config, tensors: dict):
 def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True) -> list[dict]:
     """Train with Megatron-core; returns the per-step metrics on the rank that logs (others: [])."""
     from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from transformers import AutoConfig
 
@@ -158,18 +196,23 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True) -> 
     else:
         enable_cpu_megatron()
     mg, t, d = recipe.megatron, recipe.train, recipe.data
-    vpp = mg.virtual_pipeline_model_parallel_size
+    vpp, ep = mg.virtual_pipeline_model_parallel_size, mg.expert_model_parallel_size
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=mg.tensor_model_parallel_size,
                                              pipeline_model_parallel_size=mg.pipeline_model_parallel_size,
-                                             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
+                                             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+                                             expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
     tp, pp = mg.tensor_model_parallel_size, mg.pipeline_model_parallel_size
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
     tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     hf_config = AutoConfig.from_pretrained(recipe.model.path or recipe.model.config)
+    moe = bool(getattr(hf_config, "num_local_experts", None))
     tconfig = transformer_config_from_hf(hf_config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                          sequence_parallel=mg.sequence_parallel, params_dtype=dtype,
                                          bf16=dtype == torch.bfloat16,
+                                         **({"expert_model_parallel_size": ep, "expert_tensor_parallel_size": 1}
+                                            if moe else {}),
                                          **({"virtual_pipeline_model_parallel_size": vpp} if vpp > 1 else {}))
     if t.gradient_checkpointing and cuda:
         tconfig.recompute_granularity, tconfig.recompute_method, tconfig.recompute_num_layers = "full", "uniform", 1
@@ -181,7 +224,7 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True) -> 
                                 post_process=pp_rank == pp - 1 and v == vpp - 1, cpu_attention=not cuda,
                                 vp_stage=v if vpp > 1 else None)
         if base is not None:
-            state = hf_to_megatron(base, hf_config, tp_rank, tp, pp_rank, pp, v, vpp)
+            state = hf_to_megatron(base, hf_config, tp_rank, tp, pp_rank, pp, v, vpp, ep_rank=ep_rank, ep_size=ep)
             missing, unexpected = model.load_state_dict(state, strict=False)
             missing = [m for m in missing if not m.endswith("_extra_state")]
             if missing or unexpected:
@@ -193,7 +236,12 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True) -> 
     if cuda:
         for chunk in chunks:
             chunk.cuda()
-    tconfig.finalize_model_grads_func = _finalize_grads(parallel_state)
+    # Megatron's DDP over the adapter parameters (fp32 grad buffers; no overlap: check_megatron_ddp)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    ddp_chunks = [DistributedDataParallel(tconfig, ddp_config, chunk, disable_bucketing=v > 0)
+                  for v, chunk in enumerate(chunks)]
+    tconfig.finalize_model_grads_func = finalize_model_grads_with_rasa
     tconfig.batch_p2p_comm = cuda  # gloo has no batched isend/irecv
     params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
     if t.optimizer == "lion":
@@ -230,18 +278,26 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True) -> 
                    for indices in micro]
         if cuda:
             batches = [{k: v.cuda() for k, v in b.items()} for b in batches]
-        gather_pipeline_pools(chunks)
+        for chunk in ddp_chunks:
+            chunk.zero_grad_buffer()
+        gather_pipeline_pools(ddp_chunks)
         iterators = [iter(batches) for _ in chunks] if vpp > 1 else iter(batches)
         losses = forward_backward(forward_step_func=_forward_step, data_iterator=iterators,
-                                  model=chunks if vpp > 1 else chunks[0], num_microbatches=len(batches),
+                                  model=ddp_chunks if vpp > 1 else ddp_chunks[0], num_microbatches=len(batches),
                                   seq_length=d.seq_len, micro_batch_size=t.micro_batch_size, forward_only=False)
+        for param in params:  # the optimizer steps on DDP's reduced fp32 gradient (as Megatron's fp32 path)
+            param.grad = param.main_grad
         norm = clip_grad_norm(params, t.max_grad_norm, parallel_state)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        # the step's loss: mean over this rank's micro-batches (last stage), then over data-parallel ranks
+        loss = torch.tensor(sum(float(x["loss"]) for x in losses) / len(losses) if losses else 0.0,
+                            dtype=torch.float64, device=params[0].device)
+        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        loss = loss.item() / dp_size
         if logs:
-            loss = sum(float(x["loss"]) for x in losses) / len(losses)
             tokens = sum(int(b["loss_mask"].sum()) for b in batches) * dp_size
             seconds = time.perf_counter() - start
             peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0

@@ -232,20 +232,28 @@ def test_zero_checkpoint_export_refuses_non_checkpoint(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize("layout", [{"tensor_model_parallel_size": 2},
-                                    {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}],
-                         ids=["tp2", "pp2_vpp2"])
-def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, layout):
-    """`examples/pretrain_rasa.py` with `engine: megatron` (Megatron's own pipeline schedule, CPU
-    compatibility redirections only) on 2 processes vs the same single-process HF reference as the
-    DeepSpeed runs: AdamW, 3 steps, losses rel 1e-5 and the saved adapter within 1e-5."""
+MOE_ADAPTER = {"target_modules": ["q_proj", "v_proj"],
+               "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+
+
+@pytest.mark.parametrize("layout,model,adapter", [
+    ({"tensor_model_parallel_size": 2}, "tiny_llama", {}),
+    ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, "tiny_llama4", {}),
+    ({"expert_model_parallel_size": 2}, "tiny_mixtral", MOE_ADAPTER)], ids=["tp2", "pp2_vpp2", "ep2_dp2"])
+def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, layout, model, adapter):
+    """`examples/pretrain_rasa.py` with `engine: megatron` (Megatron's own pipeline schedule and DDP,
+    CPU compatibility redirections only) on 2 processes vs the same single-process HF reference as the
+    DeepSpeed runs: AdamW, 3 steps, losses rel 1e-5 and the saved adapter within 1e-5. ep2_dp2: tiny
+    Mixtral, experts split over 2 expert-parallel ranks that are also 2 data-parallel ranks (different
+    micro-batches): DDP averages the attention adapters over both and leaves each expert's adapters on
+    its rank (``allreduce = False``)."""
     from reference import reference_run
 
     from rasa_megatron.recipe import load_recipe
 
     out = tmp_path / "run"
-    model = {"path": _tiny_checkpoint(workspace, "tiny_llama4")} if "pipeline_model_parallel_size" in layout else {}
-    recipe_path = _recipe(workspace, out, train={"optimizer": "adamw", "max_steps": 3}, megatron=layout, model=model)
+    recipe_path = _recipe(workspace, out, train={"optimizer": "adamw", "max_steps": 3}, megatron=layout,
+                          model={"path": _tiny_checkpoint(workspace, model)}, adapter=adapter)
     text = recipe_path.read_text().replace("engine: deepspeed", "")
     recipe_path.write_text("engine: megatron\n" + text)
     launch(recipe_path, 2)

@@ -28,3 +28,20 @@ def test_tensor_parallel_size_must_divide_the_sharded_dim(parallel, in_f, out_f,
 def test_shard_of_splits_contiguously():
     t = torch.arange(12.).reshape(3, 4)
     assert torch.equal(shard_of(t, 1, 1, 2), t[:, 2:])
+
+
+@pytest.mark.parametrize("flag", ["overlap_grad_reduce", "overlap_param_gather"])
+def test_overlapped_megatron_ddp_is_refused_before_any_collective(flag):
+    """RaSA completes pool/TP-partial grads after the backward and reads pool slices before the first
+    forward, so Megatron DDP's overlapped grad reduction / param gather would race it: refused."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from rasa_megatron.megatron.parallel_layers import check_megatron_ddp, gather_pipeline_pools
+
+    chunk = torch.nn.Linear(2, 2)  # stands for a DDP-wrapped chunk: only its ddp_config is read
+    chunk.ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, **{flag: True})
+    with pytest.raises(ValueError, match=rf"{flag}=True\) is not supported with RaSA adapters"):
+        gather_pipeline_pools([chunk])
+    chunk.ddp_config = DistributedDataParallelConfig()
+    check_megatron_ddp([chunk])
+    assert gather_pipeline_pools([chunk]) == 0  # no pools: nothing to gather

@@ -149,7 +149,8 @@ for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", sys.argv[3]):
 @pytest.mark.parametrize("template,config", [("llama3_70b_rasa.sbatch", "llama3_70b_rasa.yaml"),
                                              ("mixtral_8x7b_rasa.sbatch", "mixtral_8x7b_rasa.yaml"),
                                              ("torchrun_srun.sbatch", "llama3_70b_rasa.yaml"),
-                                             ("llama3_70b_rasa_megatron.sbatch", "llama3_70b_rasa_megatron.yaml")])
+                                             ("llama3_70b_rasa_megatron.sbatch", "llama3_70b_rasa_megatron.yaml"),
+                                             ("mixtral_8x7b_rasa_megatron.sbatch", "mixtral_8x7b_rasa_megatron.yaml")])
 def test_slurm_templates_render_hostfile_and_command(tmp_path, template, config):
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -195,6 +196,19 @@ def test_megatron_recipe_layout_is_validated():
     recipe.megatron.pipeline_model_parallel_size = 3
     with pytest.raises(RecipeError, match=r"num_hidden_layers = 80 is not divisible by pipeline-parallel size = 3"):
         validate_recipe(recipe, world_size=48, require_data=False)
-    mixtral = load_recipe(CONFIGS / "mixtral_8x7b_rasa.yaml", ["engine=megatron"])
-    with pytest.raises(RecipeError, match="does not train MoE models yet"):
+    recipe.megatron.pipeline_model_parallel_size, recipe.megatron.expert_model_parallel_size = 2, 2
+    with pytest.raises(RecipeError, match=r"expert_model_parallel_size = 2 needs a MoE model"):
+        validate_recipe(recipe, world_size=64, require_data=False)
+
+
+def test_megatron_moe_layout_is_validated():
+    mixtral = load_recipe(CONFIGS / "mixtral_8x7b_rasa_megatron.yaml")
+    assert mixtral.engine == "megatron" and mixtral.megatron.expert_model_parallel_size == 8
+    assert validate_recipe(mixtral, world_size=64, require_data=False) == 192 // 64
+    mixtral.megatron.expert_model_parallel_size = 3
+    with pytest.raises(RecipeError, match=r"data-parallel size 64 .* not divisible by "
+                                          r"megatron.expert_model_parallel_size = 3"):
         validate_recipe(mixtral, world_size=64, require_data=False)
+    with pytest.raises(RecipeError, match=r"num_local_experts = 8 is not divisible by "
+                                          r"megatron.expert_model_parallel_size = 3"):
+        validate_recipe(mixtral, world_size=48, require_data=False)
