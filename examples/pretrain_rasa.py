@@ -61,12 +61,13 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if recipe.engine == "megatron":
-        if args.resume:
-            print("error: --resume is not supported with engine: megatron yet", file=sys.stderr)
+        if args.portable:
+            print("error: --portable is for engine: deepspeed; engine: megatron resumes on the layout that "
+                  "wrote the checkpoint", file=sys.stderr)
             return 2
         from rasa_megatron.megatron.trainer import run
 
-        run(recipe, stop_step=args.stop_after)
+        run(recipe, stop_step=args.stop_after, resume=args.resume)
         return 0
     from rasa_megatron import trainer
 

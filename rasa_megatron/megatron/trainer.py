@@ -177,8 +177,91 @@ def _hf_model_with_adapter(hf_config, rasa_config, tensors: dict):
     return model
 
 
-def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True) -> list[dict]:
-    """Train with Megatron-core; returns the per-step metrics on the rank that logs (others: [])."""
+CHECKPOINTS = "checkpoints"
+
+
+def _layout(parallel_state) -> dict:
+    return {"world_size": dist.get_world_size(),
+            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+            "virtual_pipeline_model_parallel_size": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+            "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size()}
+
+
+def check_resume_layout(saved: dict, current: dict) -> None:
+    """Refuse to resume per-rank state on another parallel layout, naming what differs."""
+    differ = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+    if differ:
+        what = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in differ.items())
+        raise SystemExit(f"error: cannot resume: the checkpoint was written on another layout ({what}); "
+                         "per-rank adapter and optimizer shards resume on the layout that wrote them")
+
+
+def save_checkpoint(out_dir: Path, step: int, chunks: list, optimizer, scheduler, parallel_state) -> Path:
+    """Every rank writes its adapter shards, optimizer and scheduler state and RNG to
+    ``checkpoints/step{step:07d}/rank{rank:05d}.pt`` (atomically: temporary file, then rename);
+    after all ranks wrote, rank 0 writes ``layout.json`` and then ``checkpoints/latest``."""
+    from ..zero3 import rng_state
+
+    tag_dir = out_dir / CHECKPOINTS / f"step{step:07d}"
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    rng = rng_state()
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+             "adapter": {f"{v}.{name}": p.detach().cpu() for v, chunk in enumerate(chunks)
+                         for name, p in chunk.named_parameters() if p.requires_grad}}
+    path = tag_dir / f"rank{dist.get_rank():05d}.pt"
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (tag_dir / "layout.json").write_text(json.dumps(_layout(parallel_state)))
+        latest = out_dir / CHECKPOINTS / "latest"
+        latest.with_suffix(".tmp").write_text(tag_dir.name)
+        os.replace(latest.with_suffix(".tmp"), latest)
+    dist.barrier()
+    return tag_dir
+
+
+def load_checkpoint(path: Path, chunks: list, optimizer, scheduler, parallel_state) -> int:
+    """Restore what :func:`save_checkpoint` wrote (``path``: the checkpoints root with ``latest``, or a
+    ``step*`` directory) on the same layout; returns the global step to continue from."""
+    from ..zero3 import set_rng_state
+
+    path = Path(path)
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "layout.json").is_file():
+        raise SystemExit(f"error: cannot resume: {path} is not a Megatron-engine checkpoint (no layout.json; "
+                         f"expected {CHECKPOINTS}/latest or a {CHECKPOINTS}/step* directory)")
+    check_resume_layout(json.loads((path / "layout.json").read_text()), _layout(parallel_state))
+    state = torch.load(path / f"rank{dist.get_rank():05d}.pt", weights_only=False, map_location="cpu")
+    params = {f"{v}.{name}": p for v, chunk in enumerate(chunks) for name, p in chunk.named_parameters()
+              if p.requires_grad}
+    if set(params) != set(state["adapter"]):
+        raise SystemExit(f"error: cannot resume: the checkpoint's adapter does not fit this model "
+                         f"(differs in {sorted(set(params) ^ set(state['adapter']))[:3]})")
+    with torch.no_grad():
+        for name, param in params.items():
+            if param.shape != state["adapter"][name].shape:
+                raise SystemExit(f"error: cannot resume: {name} is {tuple(state['adapter'][name].shape)} in the "
+                                 f"checkpoint, {tuple(param.shape)} in this model (another adapter config?)")
+            param.copy_(state["adapter"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True,
+        resume: str | os.PathLike | None = None) -> list[dict]:
+    """Train with Megatron-core; returns the per-step metrics on the rank that logs (others: []).
+
+    ``resume``: ``"latest"`` (``output.dir/checkpoints``) or a checkpoint path, same layout. A run
+    stopped by ``stop_step`` before the end saves a checkpoint instead of the final adapter."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -263,12 +346,17 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True) -> 
     if logs:
         out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    steps = range(total if stop_step is None else min(total, stop_step))
+    start = 0
+    if resume is not None:
+        start = load_checkpoint(out_dir / CHECKPOINTS if resume == "latest" else Path(resume), chunks, optimizer,
+                                scheduler, parallel_state)
+    stop = total if stop_step is None else min(total, stop_step)
+    steps = range(start, stop)
     bar = None
     if logs and progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(steps), desc="megatron", unit="step")
+        bar = tqdm(total=stop, initial=start, desc="megatron", unit="step")
     for step in steps:
         start = time.perf_counter()
         epoch = step // steps_per_epoch
@@ -309,8 +397,13 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True) -> 
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", grad_norm=f"{norm:.3f}")
                 bar.update()
+        if recipe.output.save_every and (step + 1) % recipe.output.save_every == 0 and step + 1 < stop:
+            save_checkpoint(out_dir, step + 1, chunks, optimizer, scheduler, parallel_state)
     if bar is not None:
         bar.close()
+    if stop < total:  # stopped early: a checkpoint to resume from, not the final adapter
+        save_checkpoint(out_dir, stop, chunks, optimizer, scheduler, parallel_state)
+        return rows
     adapter = gather_hf_adapter(chunks)
     if adapter is not None and recipe.output.save_adapter:
         from ..adapter import export_peft_lora, save_adapter
