@@ -347,6 +347,9 @@ def _validate_megatron(recipe: Recipe, world_size: int) -> int:
         if mg.expert_model_parallel_size > 1 and not experts:
             raise RecipeError(f"megatron.expert_model_parallel_size = {mg.expert_model_parallel_size} needs a MoE "
                               f"model; {source} has no experts (num_local_experts)")
+        if experts and mg.tensor_model_parallel_size > 1 and not mg.sequence_parallel:
+            raise RecipeError(f"a MoE model at megatron.tensor_model_parallel_size = {mg.tensor_model_parallel_size} "
+                              "needs megatron.sequence_parallel: true (Megatron-core requires it for MoE with TP)")
         if experts % mg.expert_model_parallel_size:
             raise RecipeError(f"num_local_experts = {experts} is not divisible by megatron.expert_model_parallel_size"
                               f" = {mg.expert_model_parallel_size}")

@@ -239,14 +239,19 @@ MOE_ADAPTER = {"target_modules": ["q_proj", "v_proj"],
 @pytest.mark.parametrize("layout,model,adapter", [
     ({"tensor_model_parallel_size": 2}, "tiny_llama", {}),
     ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, "tiny_llama4", {}),
-    ({"expert_model_parallel_size": 2}, "tiny_mixtral", MOE_ADAPTER)], ids=["tp2", "pp2_vpp2", "ep2_dp2"])
+    ({"expert_model_parallel_size": 2}, "tiny_mixtral", MOE_ADAPTER),
+    ({"pipeline_model_parallel_size": 2}, "tiny_mixtral", MOE_ADAPTER),
+    ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, "tiny_mixtral", MOE_ADAPTER)],
+    ids=["tp2", "pp2_vpp2", "ep2_dp2", "moe_pp2", "moe_tp2_sp"])
 def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, layout, model, adapter):
     """`examples/pretrain_rasa.py` with `engine: megatron` (Megatron's own pipeline schedule and DDP,
     CPU compatibility redirections only) on 2 processes vs the same single-process HF reference as the
     DeepSpeed runs: AdamW, 3 steps, losses rel 1e-5 and the saved adapter within 1e-5. ep2_dp2: tiny
     Mixtral, experts split over 2 expert-parallel ranks that are also 2 data-parallel ranks (different
     micro-batches): DDP averages the attention adapters over both and leaves each expert's adapters on
-    its rank (``allreduce = False``)."""
+    its rank (``allreduce = False``). moe_pp2: the expert pools sharded over 2 pipeline stages;
+    moe_tp2_sp: attention tensor-parallel with sequence parallelism, experts whole on each TP rank
+    (expert TP 1)."""
     from reference import reference_run
 
     from rasa_megatron.recipe import load_recipe

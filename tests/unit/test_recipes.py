@@ -212,3 +212,8 @@ def test_megatron_moe_layout_is_validated():
     with pytest.raises(RecipeError, match=r"num_local_experts = 8 is not divisible by "
                                           r"megatron.expert_model_parallel_size = 3"):
         validate_recipe(mixtral, world_size=48, require_data=False)
+    mixtral.megatron.expert_model_parallel_size, mixtral.megatron.tensor_model_parallel_size = 8, 2
+    with pytest.raises(RecipeError, match=r"tensor_model_parallel_size = 2 needs megatron.sequence_parallel: true"):
+        validate_recipe(mixtral, world_size=64, require_data=False)
+    mixtral.megatron.sequence_parallel = True
+    assert validate_recipe(mixtral, world_size=64, require_data=False) == 192 // 32
