@@ -1,4 +1,5 @@
-"""Dry runs and per-GPU memory estimates for the DeepSpeed recipes (no weights, meta device).
+"""Dry runs and per-GPU memory estimates for the recipes (no weights, meta device); the Megatron
+layout's estimate is :func:`megatron_memory_row`.
 
 Model states follow DeepSpeed's own estimator (``estimate_zero3_model_states_mem_needs`` /
 ``estimate_zero2_model_states_mem_needs``), generalised from "every parameter is trained with
@@ -118,6 +119,47 @@ def memory_table(counts: ParamCounts, model_config, micro_batch_size: int, seq_l
     return rows
 
 
+MEGATRON_TRAINABLE_BYTES = {"adamw": 16, "lion": 12}  # fp32 adapter + fp32 main_grad + moments
+
+
+def megatron_memory_row(model, recipe, num_gpus: int) -> dict:
+    """Per-GPU GiB of the busiest rank for ``engine: megatron`` (the first pipeline stage).
+
+    Frozen bf16 weights (2 bytes): dense ones split over TP x PP, stacked experts over EP x PP
+    (expert TP is 1). Adapters (fp32 value, fp32 ``main_grad`` of Megatron's DDP, optimizer moments:
+    12 bytes with Lion, 16 with AdamW) counted as if replicated over TP (an upper bound: B of column
+    and A of row layers are split). Activations as :func:`activation_bytes_per_gpu`, with 1F1B: the
+    first stage keeps the checkpointed layer inputs of PP micro-batches in flight (``2 s b h`` for each
+    of its ``L / PP`` layers, ``PP`` times = ``L`` layers' worth), divided by TP under sequence
+    parallelism; the recomputed layer ``34 s b h / TP``; logits ``6 s b V / TP`` (the last stage's,
+    counted here too as an upper bound)."""
+    mg, t = recipe.megatron, recipe.train
+    tp, pp, ep = mg.tensor_model_parallel_size, mg.pipeline_model_parallel_size, mg.expert_model_parallel_size
+    dense = experts = trainable_dense = trainable_experts = 0
+    for name, param in model.named_parameters():
+        is_expert = ".mlp.experts." in name
+        if param.requires_grad:
+            trainable_experts += param.numel() if is_expert else 0
+            trainable_dense += 0 if is_expert else param.numel()
+        elif is_expert:
+            experts += param.numel()
+        else:
+            dense += param.numel()
+    per_trainable = MEGATRON_TRAINABLE_BYTES[t.optimizer]
+    states = (2 * dense / (tp * pp) + 2 * experts / (ep * pp)
+              + per_trainable * (trainable_dense / pp + trainable_experts / (ep * pp)))
+    config = model.config
+    tokens = t.micro_batch_size * recipe.data.seq_len
+    h, layers = config.hidden_size, config.num_hidden_layers
+    kept = 2 * tokens * h * (layers if t.gradient_checkpointing else 17 * layers)
+    activations = (kept / (tp if mg.sequence_parallel else 1) + 34 * tokens * h / tp
+                   + 6 * tokens * config.vocab_size / tp)
+    total = states + activations
+    layout = f"Megatron TP{tp} x PP{pp}" + (f" x EP{ep}" if ep > 1 else "") + (" + SP" if mg.sequence_parallel else "")
+    return {"setup": layout, "model_states_gib": states / GIB, "activations_gib": activations / GIB,
+            "total_gib": total / GIB, "fits_40gb": total < 40e9 * 0.9, "fits_80gb": total < 80e9 * 0.9}
+
+
 def dry_run_report(recipe, nodes: int = 8, gpus_per_node: int = 8) -> str:
     """Text report: parameters, effective ranks and the per-GPU memory table of a recipe."""
     model = build_meta_model(recipe)
@@ -131,14 +173,21 @@ def dry_run_report(recipe, nodes: int = 8, gpus_per_node: int = 8) -> str:
     if recipe.rasa_config() is not None:
         for path, rank in effective_ranks(model).items():
             lines.append(f"  effective rank {path}: {rank}")
-    grad_accum = t.global_batch_size // (t.micro_batch_size * num_gpus) if t.global_batch_size % (t.micro_batch_size * num_gpus) == 0 else None
+    megatron = recipe.engine == "megatron"
+    mg = recipe.megatron
+    data_parallel = num_gpus // (mg.tensor_model_parallel_size * mg.pipeline_model_parallel_size) if megatron \
+        else num_gpus
+    per_step = t.micro_batch_size * data_parallel
+    grad_accum = t.global_batch_size // per_step if per_step and t.global_batch_size % per_step == 0 else None
     lines.append(f"launch: {nodes} nodes x {gpus_per_node} GPUs = {num_gpus}; global batch {t.global_batch_size} = "
-                 f"micro {t.micro_batch_size} x {num_gpus} x grad-accum {grad_accum}; seq_len {recipe.data.seq_len}; "
-                 f"optimizer {t.optimizer}; gradient checkpointing {t.gradient_checkpointing}")
+                 f"micro {t.micro_batch_size} x {data_parallel} data-parallel x grad-accum {grad_accum}; "
+                 f"seq_len {recipe.data.seq_len}; optimizer {t.optimizer}; gradient checkpointing {t.gradient_checkpointing}")
     lines.append("| setup | model states GiB/GPU | activations GiB/GPU | total GiB/GPU | A100-40GB | A100-80GB |")
     lines.append("|---|---|---|---|---|---|")
-    for row in memory_table(counts, model.config, t.micro_batch_size, recipe.data.seq_len, num_gpus, t.optimizer,
-                            t.gradient_checkpointing):
+    rows = [megatron_memory_row(model, recipe, num_gpus)] if megatron else \
+        memory_table(counts, model.config, t.micro_batch_size, recipe.data.seq_len, num_gpus, t.optimizer,
+                     t.gradient_checkpointing)
+    for row in rows:
         lines.append(f"| {row['setup']} | {row['model_states_gib']:.1f} | {row['activations_gib']:.1f} | "
                      f"{row['total_gib']:.1f} | {'fits' if row['fits_40gb'] else 'no'} | "
                      f"{'fits' if row['fits_80gb'] else 'no'} |")
