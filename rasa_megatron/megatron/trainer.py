@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..data import global_batch_plan, load_raw_dataset, micro_batches_for_rank, tokenize_dataset
 from ..recipe import Recipe
+from ..trainer import CHECKPOINTS
 from .inject import apply_rasa_megatron, gather_hf_adapter
 from .parallel_layers import PARTIAL_GRAD_ATTR, finalize_model_grads_with_rasa, gather_pipeline_pools
 
@@ -141,16 +142,15 @@ def clip_grad_norm(params: list, max_norm: float, parallel_state) -> float:
     lives on one expert-parallel rank). Scales the grads in place when above ``max_norm``.
     (Megatron's ``clip_grad_norm_fp32`` asserts CUDA tensors, so the same sum is written out here.)"""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    dense, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    device = params[0].device if params else "cpu"  # sums stay on the device: no sync per parameter
+    dense, expert = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
     for param in params:
         if param.grad is None:
             continue
         if not getattr(param, "allreduce", True):
-            expert += param.grad.double().pow(2).sum().cpu()
+            expert += param.grad.double().pow(2).sum()
         elif not getattr(param, PARTIAL_GRAD_ATTR, False) or tp_rank == 0:
-            dense += param.grad.double().pow(2).sum().cpu()
-    device = params[0].device if params else "cpu"
-    dense, expert = dense.to(device), expert.to(device)
+            dense += param.grad.double().pow(2).sum()
     dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
     dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
     norm = (dense + expert).sqrt().item()
@@ -175,9 +175,6 @@ def _hf_model_with_adapter(hf_config, rasa_config, tensors: dict):
         owner = model.get_submodule(owner_path)
         owner._parameters[name] = torch.nn.Parameter(tensors[key].float(), requires_grad=False)
     return model
-
-
-CHECKPOINTS = "checkpoints"
 
 
 def _layout(parallel_state) -> dict:
@@ -205,10 +202,7 @@ def save_checkpoint(out_dir: Path, step: int, chunks: list, optimizer, scheduler
 
     tag_dir = out_dir / CHECKPOINTS / f"step{step:07d}"
     tag_dir.mkdir(parents=True, exist_ok=True)
-    rng = rng_state()
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
              "adapter": {f"{v}.{name}": p.detach().cpu() for v, chunk in enumerate(chunks)
                          for name, p in chunk.named_parameters() if p.requires_grad}}
     path = tag_dir / f"rank{dist.get_rank():05d}.pt"
@@ -251,8 +245,6 @@ def load_checkpoint(path: Path, chunks: list, optimizer, scheduler, parallel_sta
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
     return int(state["step"])
 
 
