@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny randomly initialised Hugging Face causal LMs of the supported families."""
+"""Shared fixtures: tiny randomly initialised Hugging Face causal LMs of the supported families, and a
+single-process Megatron world."""
+import socket
+
 import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
@@ -46,3 +49,25 @@ def randomise_adapter_(model, seed: int = 7, scale: float = 0.2):
 @pytest.fixture
 def randomise_adapter():
     return randomise_adapter_
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """A gloo world of size 1 with Megatron's model-parallel state (TP=PP=1), torn down afterwards."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    with pytest.MonkeyPatch.context() as patch:
+        # Test shim (CPU-only torch): Megatron's RotaryEmbedding.get_emb moves its inverse
+        # frequencies to torch.cuda.current_device() on the first forward.
+        patch.setattr(torch.cuda, "current_device", lambda: "cpu")
+        yield parallel_state
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()

@@ -128,14 +128,15 @@ def transformer_config_from_hf(hf_config, tensor_model_parallel_size: int = 1, p
 
 
 def build_gpt_model(transformer_config, hf_config, pre_process: bool = True, post_process: bool = True,
-                    cpu_attention: bool = True, vp_stage: int | None = None):
-    """A Megatron ``GPTModel`` (local spec) with the vocabulary, rope and embedding tying of ``hf_config``."""
+                    cpu_attention: bool = True, vp_stage: int | None = None, spec_transform=None):
+    """A Megatron ``GPTModel`` (local spec) with the vocabulary, rope and embedding tying of ``hf_config``;
+    ``spec_transform`` (e.g. ``lambda spec: rasa_layer_spec(spec, config, seed)``) rewrites the block spec."""
     from megatron.core.models.gpt import GPTModel
 
     from .cpu_attention import gpt_block_spec
 
-    return GPTModel(config=transformer_config, transformer_layer_spec=gpt_block_spec(transformer_config, cpu_attention,
-                                                                                       vp_stage),
+    spec = gpt_block_spec(transformer_config, cpu_attention, vp_stage)
+    return GPTModel(config=transformer_config, transformer_layer_spec=spec_transform(spec) if spec_transform else spec,
                     vocab_size=hf_config.vocab_size, max_sequence_length=hf_config.max_position_embeddings,
                     pre_process=pre_process, post_process=post_process, position_embedding_type="rope",
                     rotary_base=_rope_theta(hf_config),

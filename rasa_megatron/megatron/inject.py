@@ -13,6 +13,8 @@ on any layout holds exactly the adapter a single-process HF model would.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -91,30 +93,46 @@ def _hf_types(config: RaSAConfig) -> tuple[list[str], list[str]]:
             [path for path in EXPERT_TYPES if path in experts])
 
 
-def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.dtype = torch.float32,
-                        generator: torch.Generator | None = None) -> list:
-    """Wrap the target linears of built Megatron GPT model chunks (this rank's) with RaSA, in place.
+@dataclass
+class DrawnAdapters:
+    """One rank's RaSA tensors for the layers it runs, before they are attached to the layers."""
+    types: list[str]  # dense HF module types targeted
+    expert_types: list[str]  # stacked-expert HF types targeted
+    local_experts: range  # global indices of this EP rank's experts
+    pools: dict[str, ShardedRankPool | None]
+    expert_pools: dict[tuple[str, int], ShardedRankPool]
+    adapters: dict[tuple, ShardedRaSA]  # (layer, type) or (layer, type, expert)
 
-    Base parameters are frozen. Requires ``megatron.core.parallel_state`` to be initialised.
+    def registry(self) -> RaSAPools:
+        """The pools as ``rasa_pools.<self_attn|mlp|mlp_experts>.<name>`` (registered once per rank)."""
+        registry = RaSAPools()
+        for path, pool in self.pools.items():
+            if pool is None:
+                continue
+            group, leaf = path.split(".")
+            if group not in registry:
+                registry[group] = nn.ModuleDict()
+            registry[group][leaf] = pool
+        if self.expert_pools:
+            registry[EXPERT_POOLS] = nn.ModuleDict({f"{path.rsplit('.', 1)[1]}_{e}": pool
+                                                    for (path, e), pool in self.expert_pools.items()})
+        return registry
 
-    Args:
-        model_chunks: a GPTModel or this rank's list of virtual-pipeline chunks.
-        config: the :class:`RaSAConfig` (``target_modules`` with HF names: ``q_proj`` ... ``down_proj``).
-        generator: RNG for the init (default: the global torch RNG, as ``apply_rasa``).
 
-    Returns:
-        The list of model chunks.
+def draw_adapters(config: RaSAConfig, tconfig, owned_layers, adapter_dtype: torch.dtype = torch.float32,
+                  generator: torch.Generator | None = None) -> DrawnAdapters:
+    """This rank's pools and adapters for ``owned_layers`` (global indices), TP/EP-sharded.
+
+    Every full-size tensor is drawn in the order :func:`rasa_megatron.apply_rasa` draws them (pools
+    in module-type order, then each module type's layers in order, experts in expert order) from
+    ``generator`` (default: the global torch RNG); this rank keeps its slices, so the adapter does
+    not depend on the layout. Requires ``megatron.core.parallel_state`` to be initialised.
     """
     from megatron.core import parallel_state
 
-    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-    if any(getattr(c, POOLS_ATTR, None) is not None for c in chunks):
-        raise ValueError("the model already has RaSA adapters")
     types, expert_types = _hf_types(config)
-    tconfig = chunks[0].config
     num_layers = tconfig.num_layers
-    layers = transformer_layers(chunks)
-    owned = tuple(sorted(layers))
+    owned = tuple(sorted(owned_layers))
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     shapes = _module_shapes(tconfig)
@@ -130,9 +148,6 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
         per_rank = num_experts // ep_size
         local_experts = range(parallel_state.get_expert_model_parallel_rank() * per_rank,
                               (parallel_state.get_expert_model_parallel_rank() + 1) * per_rank)
-    for chunk in chunks:
-        for param in chunk.parameters():
-            param.requires_grad_(False)
 
     def pool_for(path, parallel, keep=True, tp=(tp_rank, tp_size)):
         in_f, out_f = shapes[path]
@@ -165,7 +180,7 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
         parallel = (EXPERT_TYPES if expert else MODULE_TYPES)[path][1]
         for index in range(num_layers):
             for e in (range(num_experts) if expert else [None]):
-                if index not in layers or (expert and e not in local_experts):
+                if index not in owned or (expert and e not in local_experts):
                     skip_private(in_f)
                     continue
                 pool = expert_pools.get((path, e)) if expert else pools[path]
@@ -174,42 +189,6 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
                                             *((0, 1) if expert else (tp_rank, tp_size)), layer_index=index,
                                             dropout=config.dropout, dtype=adapter_dtype, generator=generator)
                 adapters[key].expert_index = e
-
-    groups = tconfig.num_query_groups or tconfig.num_attention_heads
-    for index, layer in layers.items():
-        by_linear: dict[str, dict[str, ShardedRaSA]] = {}
-        for path in types:
-            by_linear.setdefault(MODULE_TYPES[path][0], {})[path.rsplit(".", 1)[1]] = adapters[(index, path)]
-        for linear_path, named in by_linear.items():
-            parent_path, _, leaf = linear_path.rpartition(".")
-            parent = layer.get_submodule(parent_path)
-            base = getattr(parent, leaf)
-            if leaf == "linear_qkv":
-                wrapped = RaSAColumnParallelLinear(base, named, "qkv", groups // tp_size,
-                                                   tconfig.num_attention_heads // groups, tconfig.kv_channels)
-            elif leaf == "linear_fc1":
-                if not tconfig.gated_linear_unit:
-                    raise ValueError("gate_proj/up_proj adapters need a gated (SwiGLU) linear_fc1")
-                wrapped = RaSAColumnParallelLinear(base, named, "glu")
-            else:
-                (adapter,) = named.values()
-                wrapped = RaSARowParallelLinear(base, adapter)
-            setattr(parent, leaf, wrapped)
-        if expert_types:
-            local = getattr(getattr(layer.mlp, "experts", None), "local_experts", None)
-            if local is None:
-                raise ValueError(f"layer {index} has no mlp.experts.local_experts (Megatron SequentialMLP); RaSA on "
-                                 "experts supports the sequential experts of the local spec")
-            for j, expert_mlp in enumerate(local):
-                e = local_experts[j]
-                for path in expert_types:
-                    linear_name, parallel = EXPERT_TYPES[path]
-                    base = getattr(expert_mlp, linear_name)
-                    adapter = adapters[(index, path, e)]
-                    wrapped = (RaSAColumnParallelLinear(base, {path.rsplit(".", 1)[1]: adapter}, "plain")
-                               if parallel == COLUMN else RaSARowParallelLinear(base, adapter))
-                    setattr(expert_mlp, linear_name, wrapped)
-
     # Megatron's mark for expert parameters: its DDP reduces them over the expert-data-parallel group
     # (the ranks holding the same experts), not over all data-parallel ranks
     for key, adapter in adapters.items():
@@ -218,21 +197,103 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
     for pool in expert_pools.values():
         for param in pool.parameters():
             param.allreduce = False
+    return DrawnAdapters(types, expert_types, local_experts, pools, expert_pools, adapters)
 
-    registry = RaSAPools()
-    for path, pool in pools.items():
-        if pool is None:
-            continue
-        group, leaf = path.split(".")
-        if group not in registry:
-            registry[group] = nn.ModuleDict()
-        registry[group][leaf] = pool
-    if expert_pools:
-        registry[EXPERT_POOLS] = nn.ModuleDict({f"{path.rsplit('.', 1)[1]}_{e}": pool
-                                                for (path, e), pool in expert_pools.items()})
-    setattr(chunks[0], POOLS_ATTR, registry)
+
+def attach_adapters(layer: nn.Module, index: int, drawn: DrawnAdapters) -> None:
+    """Wrap the target linears of one Megatron ``TransformerLayer`` (global index ``index``) with
+    its adapters from ``drawn``, in place."""
+    from megatron.core import parallel_state
+
+    tconfig = layer.config
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    groups = tconfig.num_query_groups or tconfig.num_attention_heads
+    by_linear: dict[str, dict[str, ShardedRaSA]] = {}
+    for path in drawn.types:
+        by_linear.setdefault(MODULE_TYPES[path][0], {})[path.rsplit(".", 1)[1]] = drawn.adapters[(index, path)]
+    for linear_path, named in by_linear.items():
+        parent_path, _, leaf = linear_path.rpartition(".")
+        parent = layer.get_submodule(parent_path)
+        base = getattr(parent, leaf)
+        _check_local_linear(base, f"layer {index} {linear_path}")
+        if leaf == "linear_qkv":
+            wrapped = RaSAColumnParallelLinear(base, named, "qkv", groups // tp_size,
+                                               tconfig.num_attention_heads // groups, tconfig.kv_channels)
+        elif leaf == "linear_fc1":
+            if not tconfig.gated_linear_unit:
+                raise ValueError("gate_proj/up_proj adapters need a gated (SwiGLU) linear_fc1")
+            wrapped = RaSAColumnParallelLinear(base, named, "glu")
+        else:
+            (adapter,) = named.values()
+            wrapped = RaSARowParallelLinear(base, adapter)
+        setattr(parent, leaf, wrapped)
+    if drawn.expert_types:
+        local = getattr(getattr(layer.mlp, "experts", None), "local_experts", None)
+        if local is None:
+            raise ValueError(f"layer {index} has no mlp.experts.local_experts (Megatron SequentialMLP); RaSA on "
+                             "experts supports the sequential experts of the local spec")
+        for j, expert_mlp in enumerate(local):
+            e = drawn.local_experts[j]
+            for path in drawn.expert_types:
+                linear_name, parallel = EXPERT_TYPES[path]
+                base = getattr(expert_mlp, linear_name)
+                _check_local_linear(base, f"layer {index} expert {e} {linear_name}")
+                adapter = drawn.adapters[(index, path, e)]
+                wrapped = (RaSAColumnParallelLinear(base, {path.rsplit(".", 1)[1]: adapter}, "plain")
+                           if parallel == COLUMN else RaSARowParallelLinear(base, adapter))
+                setattr(expert_mlp, linear_name, wrapped)
+
+
+def _check_local_linear(base: nn.Module, where: str) -> None:
+    """The wrappers run the base GEMM of Megatron's local Column/RowParallelLinear themselves."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
+        raise TypeError(f"{where} is a {type(base).__module__}.{type(base).__name__}; RaSA wraps Megatron-core's "
+                        "local ColumnParallelLinear / RowParallelLinear (build the model from the local spec, e.g. "
+                        "get_gpt_layer_local_spec; Transformer Engine linears are not supported)")
+
+
+def freeze_base_parameters(model_chunks) -> None:
+    """Freeze every parameter of the model chunks except the RaSA adapters and pools (for models
+    built from :func:`rasa_megatron.megatron.rasa_layer_spec`, whose embedding, final norm and
+    output layer GPTModel builds outside the layer spec)."""
+    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    rasa = {id(p) for chunk in chunks for m in chunk.modules() if isinstance(m, (ShardedRaSA, ShardedRankPool))
+            for p in m.parameters()}
     for chunk in chunks:
-        object.__setattr__(chunk, "rasa_config", config)
+        for param in chunk.parameters():
+            if id(param) not in rasa:
+                param.requires_grad_(False)
+
+
+def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.dtype = torch.float32,
+                        generator: torch.Generator | None = None) -> list:
+    """Wrap the target linears of built Megatron GPT model chunks (this rank's) with RaSA, in place.
+
+    Base parameters are frozen. Requires ``megatron.core.parallel_state`` to be initialised.
+
+    Args:
+        model_chunks: a GPTModel or this rank's list of virtual-pipeline chunks.
+        config: the :class:`RaSAConfig` (``target_modules`` with HF names: ``q_proj`` ... ``down_proj``).
+        generator: RNG for the init (default: the global torch RNG, as ``apply_rasa``).
+
+    Returns:
+        The list of model chunks.
+    """
+    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if any(getattr(c, POOLS_ATTR, None) is not None for c in chunks) or any(
+            isinstance(m, ShardedRaSA) for c in chunks for m in c.modules()):
+        raise ValueError("the model already has RaSA adapters")
+    _hf_types(config)  # unknown target names fail before anything is changed
+    layers = transformer_layers(chunks)
+    for chunk in chunks:
+        for param in chunk.parameters():
+            param.requires_grad_(False)
+    drawn = draw_adapters(config, chunks[0].config, layers, adapter_dtype, generator)
+    for index, layer in layers.items():
+        attach_adapters(layer, index, drawn)
+    setattr(chunks[0], POOLS_ATTR, drawn.registry())
     return chunks
 
 

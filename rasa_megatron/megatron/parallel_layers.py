@@ -33,6 +33,7 @@ in the fused layout, so the model equals a HF model with adapters on the 7 HF li
 from __future__ import annotations
 
 import itertools
+import re
 
 import torch
 import torch.distributed as dist
@@ -98,9 +99,30 @@ def _wrapper_sharded_state_dict(base_layer, adapter_tensors: dict, tp_axes: dict
     return entries
 
 
+def _accept_plain_base_keys(wrapper: nn.Module) -> None:
+    """Let ``wrapper.load_state_dict`` take a plain Megatron state dict: ``<prefix>weight`` (and the
+    base layer's other own entries) load into ``<prefix>base_layer.weight``."""
+    def rename(module, state_dict, prefix, *args):
+        for name in list(module.base_layer.state_dict(keep_vars=True)):
+            plain, wrapped = prefix + name, f"{prefix}base_layer.{name}"
+            if plain in state_dict and wrapped not in state_dict:
+                state_dict[wrapped] = state_dict.pop(plain)
+
+    wrapper.register_load_state_dict_pre_hook(rename)
+
+
 def _mark_partial(*params: nn.Parameter) -> None:
     for param in params:
         setattr(param, PARTIAL_GRAD_ATTR, True)
+
+
+def _layout_free_key(key: str) -> str:
+    """A pool registered on a layer (models built from ``rasa_layer_spec``) gets the key
+    ``<model>.decoder.layers.[n.]rasa_pools...`` from Megatron's TransformerBlock (``n``, that rank's
+    first layer, with non-homogeneous layers). The pool spans all layers and is registered on the
+    model chunk by ``apply_rasa_megatron``, so both store it as ``<model>.rasa_pools...``: the key
+    depends neither on the layout nor on how RaSA was put in."""
+    return re.sub(r"(^|\.)decoder\.layers\.(?:\d+\.)?rasa_pools\.", r"\1rasa_pools.", key)
 
 
 class ShardedRankPool(nn.Module):
@@ -197,6 +219,7 @@ class ShardedRankPool(nn.Module):
 
             def build(key, data, replica_id, flattened_range, layer_dim=layer_dim, tp_axis=tp_axis,
                       sharded_on_tp=sharded_on_tp):
+                key = _layout_free_key(key)
                 if flattened_range is not None:
                     raise ValueError("RaSA pools do not support flattened (distributed-optimizer) ranges")
                 offsets = [(1 + tp_axis, self.tp_rank, self.tp_size)] if sharded_on_tp else []
@@ -337,6 +360,7 @@ class RaSAColumnParallelLinear(nn.Module):
                              f", got {list(adapters)}")
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict(adapters)
+        _accept_plain_base_keys(self)
         self.query_groups_local, self.heads_per_group, self.head_dim = query_groups_local, heads_per_group, head_dim
         rows = base_layer.weight.shape[0]
         self.part_rows = self._part_rows(rows)
@@ -449,6 +473,7 @@ class RaSARowParallelLinear(nn.Module):
                              f"weight {list(base_layer.weight.shape)}")
         self.base_layer = base_layer
         self.adapter = adapter
+        _accept_plain_base_keys(self)
         layer = self
         object.__setattr__(adapter, "_base_weight_fn", lambda: layer.base_layer.weight)
 

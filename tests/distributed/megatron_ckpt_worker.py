@@ -5,7 +5,11 @@
 (another seed) on this layout loads the checkpoint; its logits must equal the single-process HF
 reference's (fp32, 1e-5) and every adapter tensor the reference's slice (exact). Prints one
 ``RESULT {json}`` line on global rank 0.
+``--spec``: the model is built from ``rasa_layer_spec`` (else adapted after building); the two
+store the same keys, so either loads the other's checkpoint. ``--non-homogeneous``: Megatron's
+per-layer checkpoint keys (``metadata={"non_homogeneous_layers": True}``) instead of layer-stacked ones.
 Usage: torchrun --nproc_per_node N megatron_ckpt_worker.py --tp T --pp P (--save DIR | --load DIR)
+       [--spec] [--non-homogeneous]
 """
 import argparse
 import json
@@ -27,7 +31,10 @@ def main():
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--save")
     mode.add_argument("--load")
+    parser.add_argument("--spec", action="store_true")
+    parser.add_argument("--non-homogeneous", action="store_true")
     args = parser.parse_args()
+    metadata = {"non_homogeneous_layers": True} if args.non_homogeneous else None
     from megatron.core import dist_checkpointing
 
     from rasa_megatron import adapter_state_dict
@@ -37,14 +44,14 @@ def main():
     parallel_state = init_cpu_megatron(args.tp, args.pp)
     ref = hf_reference()
     reference_adapter = {key: p.detach() for key, p in adapter_state_dict(ref.model).items()}
-    chunks = megatron_chunks(ref, parallel_state, args.tp, args.pp, adapter_seed=11 if args.load else 7)
+    chunks = megatron_chunks(ref, parallel_state, args.tp, args.pp, adapter_seed=11 if args.load else 7, spec=args.spec)
     (model,) = chunks
     worst = {"logits": 0.0, "adapter": 0.0}
     if args.save:
         load_hf_adapter_(chunks, reference_adapter)
-        dist_checkpointing.save(model.sharded_state_dict(), args.save)
+        dist_checkpointing.save(model.sharded_state_dict(metadata=metadata), args.save)
     else:
-        loaded = dist_checkpointing.load(model.sharded_state_dict(), args.load)
+        loaded = dist_checkpointing.load(model.sharded_state_dict(metadata=metadata), args.load)
         model.load_state_dict(loaded)
         # every adapter tensor equals the reference's slice for this rank
         expected = megatron_chunks(ref, parallel_state, args.tp, args.pp, adapter_seed=13)
@@ -70,6 +77,7 @@ def main():
     report_worst(worst)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({"tp": args.tp, "pp": args.pp, "mode": "save" if args.save else "load",
+                                      "spec": args.spec,
                                       "worst": worst}), flush=True)
     dist.barrier()
     dist.destroy_process_group()

@@ -46,10 +46,12 @@ def hf_reference(adapter_seed: int = 7, noise_seed: int = 1):
     return SimpleNamespace(model=hf, config=hf_config, base_state=base_state, rasa=rasa, init_adapter=init_adapter)
 
 
-def megatron_chunks(ref, parallel_state, tp: int, pp: int, vpp: int = 1, sp: bool = False, adapter_seed: int = 7):
+def megatron_chunks(ref, parallel_state, tp: int, pp: int, vpp: int = 1, sp: bool = False, adapter_seed: int = 7,
+                    spec: bool = False):
     """This rank's GPTModel chunks with the reference's base weights and a fresh RaSA (init after
-    ``adapter_seed``)."""
-    from rasa_megatron.megatron import apply_rasa_megatron
+    ``adapter_seed``): put in after building (``apply_rasa_megatron``) or, with ``spec``, built from
+    ``rasa_layer_spec`` (a new spec per chunk, as Megatron-LM's model_provider makes them)."""
+    from rasa_megatron.megatron import apply_rasa_megatron, freeze_base_parameters, rasa_layer_spec
     from rasa_megatron.megatron.convert import build_gpt_model, hf_to_megatron, transformer_config_from_hf
 
     tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
@@ -58,16 +60,25 @@ def megatron_chunks(ref, parallel_state, tp: int, pp: int, vpp: int = 1, sp: boo
                                          **({"virtual_pipeline_model_parallel_size": vpp} if vpp > 1 else {}))
     chunks = []
     for v in range(vpp):
+        transform = (lambda block: rasa_layer_spec(block, ref.rasa, seed=adapter_seed)) if spec else None
         model = build_gpt_model(tconfig, ref.config, pre_process=pp_rank == 0 and v == 0,
-                                post_process=pp_rank == pp - 1 and v == vpp - 1, vp_stage=v if vpp > 1 else None)
+                                post_process=pp_rank == pp - 1 and v == vpp - 1, vp_stage=v if vpp > 1 else None,
+                                spec_transform=transform)
         state = hf_to_megatron(ref.base_state, ref.config, tp_rank, tp, pp_rank, pp, v, vpp)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not m.endswith("_extra_state")]
+        missing = [m for m in missing if not m.endswith("_extra_state") and not (spec and _is_rasa_key(m))]
         assert not missing and not unexpected, (missing, unexpected)
         chunks.append(model)
-    torch.manual_seed(adapter_seed)
-    apply_rasa_megatron(chunks, ref.rasa)
+    if spec:
+        freeze_base_parameters(chunks)
+    else:
+        torch.manual_seed(adapter_seed)
+        apply_rasa_megatron(chunks, ref.rasa)
     return chunks
+
+
+def _is_rasa_key(key: str) -> bool:
+    return ".adapter." in key or ".adapters." in key or ".rasa_pools." in key
 
 
 def micro_batches(vocab: int, count: int = 2, batch: int = 2, seq: int = 12):

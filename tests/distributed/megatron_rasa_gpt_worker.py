@@ -6,7 +6,8 @@ stage, gathered over TP), loss, every adapter gradient (TP shards gathered, pool
 stage) and three AdamW steps equal the reference; pool collectives per step are counted. Prints one
 ``RESULT {json}`` line on global rank 0. Tolerances (fp32): logits/loss 1e-5, gradients and
 parameters 1e-5 absolute.
-Usage: torchrun --nproc_per_node N megatron_rasa_gpt_worker.py --tp T --pp P [--vpp V] [--sp]
+With ``--spec`` the model is built from ``rasa_layer_spec`` instead of adapted after building.
+Usage: torchrun --nproc_per_node N megatron_rasa_gpt_worker.py --tp T --pp P [--vpp V] [--sp] [--spec]
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ def main():
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--vpp", type=int, default=1)
     parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--spec", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     from rasa_megatron import adapter_state_dict
@@ -42,7 +44,7 @@ def main():
     tp_group, pp_group = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_pipeline_model_parallel_group()
     ref = hf_reference()
     hf, hf_config, init_adapter = ref.model, ref.config, ref.init_adapter
-    chunks = megatron_chunks(ref, parallel_state, tp, pp, vpp, args.sp)
+    chunks = megatron_chunks(ref, parallel_state, tp, pp, vpp, args.sp, spec=args.spec)
     units = megatron_rasa_units(chunks)
     worst = {"init": 0.0, "logits": 0.0, "loss": 0.0, "grad": 0.0, "param": 0.0}
 
@@ -101,6 +103,10 @@ def main():
     ref_opt = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.0)
     meg_params = []
     seen = set()
+    trainable = {id(p) for chunk in chunks for p in chunk.parameters() if p.requires_grad}
+    rasa_params = {id(p) for unit in units.values() for p in unit.parameters()} | {
+        id(p) for unit in units.values() if unit.pool is not None for p in unit.pool.parameters()}
+    assert trainable <= rasa_params, "a base parameter is trainable"
     for chunk in chunks:
         for p in chunk.parameters():
             if p.requires_grad and id(p) not in seen:
@@ -143,7 +149,7 @@ def main():
         compare_adapter("param", {key: p.detach() for key, p in adapter_state_dict(hf).items()}, grads=False)
     report_worst(worst)  # over all ranks: logits and loss are checked on the last stage
     if dist.get_rank() == 0:
-        print("RESULT " + json.dumps({"tp": tp, "pp": pp, "vpp": vpp, "sp": args.sp, "worst": worst,
+        print("RESULT " + json.dumps({"tp": tp, "pp": pp, "vpp": vpp, "sp": args.sp, "spec": args.spec, "worst": worst,
                                       "collectives_per_step": collectives, "units": len(units),
                                       "adapter_round_trip": round_trip}), flush=True)
     dist.barrier()

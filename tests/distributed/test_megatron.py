@@ -46,6 +46,9 @@ GPT_LAYOUTS = {  # name: (processes, worker arguments)
     "tp2_sp": (2, ["--tp", "2", "--sp"]),
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"]),
     "tp2_pp2": (4, ["--tp", "2", "--pp", "2"]),
+    # built from rasa_layer_spec (a new spec per virtual chunk, as Megatron-LM's model_provider does)
+    "tp2_sp_spec": (2, ["--tp", "2", "--sp", "--spec"]),
+    "pp2_vpp2_spec": (2, ["--pp", "2", "--vpp", "2", "--spec"]),
 }
 
 
@@ -55,9 +58,11 @@ def test_megatron_gpt_with_rasa_equals_hf_llama_with_rasa(layout):
     from the converter, driven over gloo (tests/distributed/pp_driver.py), vs HF Llama + apply_rasa:
     init identical after the same seed; logits, loss, every adapter gradient and the adapter after 3
     AdamW steps within 1e-5 (fp32); pool collectives: 1 all-gather + 1 reduce-scatter over PP and 1
-    all-reduce over TP per optimizer step (2 micro-batches)."""
+    all-reduce over TP per optimizer step (2 micro-batches). ``*_spec``: the model built from
+    ``rasa_layer_spec(spec, config, seed)`` instead; the same checks, and only RaSA tensors trainable."""
     nproc, args = GPT_LAYOUTS[layout]
     result = run_worker("megatron_rasa_gpt_worker.py", nproc, *args)
+    assert result["spec"] == ("--spec" in args)
     assert result["worst"]["init"] == 0.0
     assert result["adapter_round_trip"] == 0.0  # gather_hf_adapter(load_hf_adapter_(x)) == x
     assert all(v <= 1e-5 for v in result["worst"].values()), result["worst"]
@@ -74,8 +79,25 @@ def test_dist_checkpoint_written_at_tp2_pp2_loads_on_other_layouts(tmp_path):
     ckpt.mkdir()
     run_worker("megatron_ckpt_worker.py", 4, "--tp", "2", "--pp", "2", "--save", str(ckpt))
     assert (ckpt / "metadata.json").is_file()
-    for tp, pp in ((1, 1), (2, 1), (1, 2)):
-        result = run_worker("megatron_ckpt_worker.py", tp * pp, "--tp", str(tp), "--pp", str(pp), "--load", str(ckpt))
+    for tp, pp, spec in ((1, 1, False), (2, 1, False), (1, 2, True)):  # TP1xPP2: a rasa_layer_spec model loads it
+        result = run_worker("megatron_ckpt_worker.py", tp * pp, "--tp", str(tp), "--pp", str(pp), "--load", str(ckpt),
+                            *(["--spec"] if spec else []))
+        assert result["spec"] == spec
+        assert result["worst"]["adapter"] == 0.0, (tp, pp, result)
+        assert result["worst"]["logits"] <= 1e-5, (tp, pp, result)
+
+
+def test_dist_checkpoint_of_a_layer_spec_model_reshards_with_per_layer_keys(tmp_path):
+    """A model built from rasa_layer_spec registers its pools on its first layer; Megatron's block
+    gives that layer's entries per-layer keys (non-homogeneous layers), yet the pools are stored under
+    one layout-free key: saved at TP2, loaded at PP2 by a post-build model and at TP1 x PP1 by a spec
+    model, adapter exact and logits within 1e-5."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    run_worker("megatron_ckpt_worker.py", 2, "--tp", "2", "--save", str(ckpt), "--spec", "--non-homogeneous")
+    for tp, pp, spec in ((1, 2, False), (1, 1, True)):
+        result = run_worker("megatron_ckpt_worker.py", tp * pp, "--tp", str(tp), "--pp", str(pp), "--load", str(ckpt),
+                            "--non-homogeneous", *(["--spec"] if spec else []))
         assert result["worst"]["adapter"] == 0.0, (tp, pp, result)
         assert result["worst"]["logits"] <= 1e-5, (tp, pp, result)
 

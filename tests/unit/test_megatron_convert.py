@@ -1,7 +1,6 @@
 """HF Llama <-> Megatron GPTModel base-weight conversion: bit-exact round trips on every layout,
 clear errors for sizes a layout cannot split, and a single-process GPTModel (gloo world of 1, CPU
 attention) giving HF's logits (TP=2 logits: tests/distributed/test_megatron_gpt.py)."""
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -224,28 +223,6 @@ def test_cpu_attention_takes_this_tensor_parallel_ranks_heads():
 
 
 # ---- a single-process GPTModel against HF -------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    """A gloo world of size 1 with Megatron's model-parallel state (TP=PP=1), torn down afterwards."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    with pytest.MonkeyPatch.context() as patch:
-        # Test shim (CPU-only torch): Megatron's RotaryEmbedding.get_emb moves its inverse
-        # frequencies to torch.cuda.current_device() on the first forward.
-        patch.setattr(torch.cuda, "current_device", lambda: "cpu")
-        yield parallel_state
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
-
 
 def _megatron_logits(hf_model, hf_config, input_ids):
     torch.manual_seed(0)
