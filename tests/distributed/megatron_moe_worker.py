@@ -6,6 +6,7 @@ index across layers), logits, loss and every adapter gradient within 1e-5 (fp32)
 Two processes, TP=1, EP=2: each rank runs its own batch (data parallel for the dense part, as
 Megatron's DDP would, so the dense adapter gradients are summed over ranks here), the all-gather
 token dispatcher sends tokens to the rank owning their expert. Prints ``RESULT {json}`` on rank 0.
+``--spec``: the model is built from ``rasa_layer_spec`` instead of adapted after building.
 """
 import json
 import sys
@@ -22,13 +23,14 @@ TOL = 1e-5
 
 def main():
     ep = 2
+    spec = "--spec" in sys.argv[1:]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     parallel_state = init_cpu_megatron(1, 1, expert_model_parallel_size=ep)
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from rasa_megatron import RaSAConfig, adapter_state_dict, apply_rasa
-    from rasa_megatron.megatron import apply_rasa_megatron, megatron_rasa_units
+    from rasa_megatron.megatron import apply_rasa_megatron, freeze_base_parameters, megatron_rasa_units, rasa_layer_spec
     from rasa_megatron.megatron.convert import build_gpt_model, hf_to_megatron, transformer_config_from_hf
     from rasa_megatron.megatron.inject import gather_hf_adapter, load_hf_adapter_
 
@@ -49,13 +51,18 @@ def main():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
     tconfig = transformer_config_from_hf(hf_config, expert_model_parallel_size=ep)
-    model = build_gpt_model(tconfig, hf_config)
+    model = build_gpt_model(tconfig, hf_config,
+                            spec_transform=(lambda block: rasa_layer_spec(block, rasa, seed=7)) if spec else None)
     state = hf_to_megatron(base_state, hf_config, 0, 1, ep_rank=parallel_state.get_expert_model_parallel_rank(),
                            ep_size=ep)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not [m for m in missing if not m.endswith("_extra_state")] and not unexpected, (missing, unexpected)
-    torch.manual_seed(7)
-    apply_rasa_megatron([model], rasa)
+    missing = [m for m in missing if not (m.endswith("_extra_state") or ".adapter" in m or "rasa_pools" in m)]
+    assert not missing and not unexpected, (missing, unexpected)
+    if spec:
+        freeze_base_parameters(model)
+    else:
+        torch.manual_seed(7)
+        apply_rasa_megatron([model], rasa)
     units = megatron_rasa_units([model])
     worst = {"init": 0.0, "logits": 0.0, "loss": 0.0, "grad": 0.0}
 

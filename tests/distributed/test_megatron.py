@@ -102,12 +102,14 @@ def test_dist_checkpoint_of_a_layer_spec_model_reshards_with_per_layer_keys(tmp_
         assert result["worst"]["logits"] <= 1e-5, (tp, pp, result)
 
 
-def test_megatron_moe_expert_parallel_rasa_equals_hf_mixtral_rasa():
+@pytest.mark.parametrize("inject", ["post_build", "spec"])
+def test_megatron_moe_expert_parallel_rasa_equals_hf_mixtral_rasa(inject):
     """Megatron MoE (SequentialMLP, all-gather dispatcher, EP=2) with RaSA on attention and on every
     expert's fc1/fc2 vs HF Mixtral with RaSA on gate_up_proj/down_proj: the same pool grouping (one
     pool per expert index across layers), so the init after the same seed is identical; logits, loss
-    and all adapter gradients within 1e-5; each rank holds only its 2 experts' adapters."""
-    result = run_worker("megatron_moe_worker.py", 2)
+    and all adapter gradients within 1e-5; each rank holds only its 2 experts' adapters. RaSA put in
+    after building or through rasa_layer_spec."""
+    result = run_worker("megatron_moe_worker.py", 2, *(["--spec"] if inject == "spec" else []))
     assert result["worst"]["init"] == 0.0
     assert all(v <= 1e-5 for v in result["worst"].values()), result["worst"]
     assert result["expert_units"] == 2 * 2 * 2  # layers x local experts x (fc1, fc2)
