@@ -205,6 +205,7 @@ def attach_adapters(layer: nn.Module, index: int, drawn: DrawnAdapters) -> None:
     its adapters from ``drawn``, in place."""
     from megatron.core import parallel_state
 
+    check_layer_linears(layer, index, drawn.types, drawn.expert_types)
     tconfig = layer.config
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     groups = tconfig.num_query_groups or tconfig.num_attention_heads
@@ -215,7 +216,6 @@ def attach_adapters(layer: nn.Module, index: int, drawn: DrawnAdapters) -> None:
         parent_path, _, leaf = linear_path.rpartition(".")
         parent = layer.get_submodule(parent_path)
         base = getattr(parent, leaf)
-        _check_local_linear(base, f"layer {index} {linear_path}")
         if leaf == "linear_qkv":
             wrapped = RaSAColumnParallelLinear(base, named, "qkv", groups // tp_size,
                                                tconfig.num_attention_heads // groups, tconfig.kv_channels)
@@ -228,30 +228,38 @@ def attach_adapters(layer: nn.Module, index: int, drawn: DrawnAdapters) -> None:
             wrapped = RaSARowParallelLinear(base, adapter)
         setattr(parent, leaf, wrapped)
     if drawn.expert_types:
-        local = getattr(getattr(layer.mlp, "experts", None), "local_experts", None)
-        if local is None:
-            raise ValueError(f"layer {index} has no mlp.experts.local_experts (Megatron SequentialMLP); RaSA on "
-                             "experts supports the sequential experts of the local spec")
-        for j, expert_mlp in enumerate(local):
+        for j, expert_mlp in enumerate(layer.mlp.experts.local_experts):
             e = drawn.local_experts[j]
             for path in drawn.expert_types:
                 linear_name, parallel = EXPERT_TYPES[path]
                 base = getattr(expert_mlp, linear_name)
-                _check_local_linear(base, f"layer {index} expert {e} {linear_name}")
                 adapter = drawn.adapters[(index, path, e)]
                 wrapped = (RaSAColumnParallelLinear(base, {path.rsplit(".", 1)[1]: adapter}, "plain")
                            if parallel == COLUMN else RaSARowParallelLinear(base, adapter))
                 setattr(expert_mlp, linear_name, wrapped)
 
 
-def _check_local_linear(base: nn.Module, where: str) -> None:
-    """The wrappers run the base GEMM of Megatron's local Column/RowParallelLinear themselves."""
+def check_layer_linears(layer: nn.Module, index: int, types: list[str], expert_types: list[str]) -> None:
+    """Refuse a layer whose target linears are not Megatron-core's local Column/RowParallelLinear
+    (the wrappers run their base GEMM themselves) or whose experts are not a SequentialMLP."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
-        raise TypeError(f"{where} is a {type(base).__module__}.{type(base).__name__}; RaSA wraps Megatron-core's "
-                        "local ColumnParallelLinear / RowParallelLinear (build the model from the local spec, e.g. "
-                        "get_gpt_layer_local_spec; Transformer Engine linears are not supported)")
+    def check(base, where):
+        if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
+            raise TypeError(f"{where} is a {type(base).__module__}.{type(base).__name__}; RaSA wraps Megatron-core's "
+                            "local ColumnParallelLinear / RowParallelLinear (build the model from the local spec, e.g. "
+                            "get_gpt_layer_local_spec; Transformer Engine linears are not supported)")
+
+    for linear_path in dict.fromkeys(MODULE_TYPES[path][0] for path in types):
+        check(layer.get_submodule(linear_path), f"layer {index} {linear_path}")
+    if expert_types:
+        local = getattr(getattr(layer.mlp, "experts", None), "local_experts", None)
+        if local is None:
+            raise ValueError(f"layer {index} has no mlp.experts.local_experts (Megatron SequentialMLP); RaSA on "
+                             "experts supports the sequential experts of the local spec")
+        for expert_mlp in local:
+            for path in expert_types:
+                check(getattr(expert_mlp, EXPERT_TYPES[path][0]), f"layer {index} expert {EXPERT_TYPES[path][0]}")
 
 
 def freeze_base_parameters(model_chunks) -> None:
@@ -285,8 +293,10 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
     if any(getattr(c, POOLS_ATTR, None) is not None for c in chunks) or any(
             isinstance(m, ShardedRaSA) for c in chunks for m in c.modules()):
         raise ValueError("the model already has RaSA adapters")
-    _hf_types(config)  # unknown target names fail before anything is changed
+    types, expert_types = _hf_types(config)  # bad targets and layers fail before anything is changed
     layers = transformer_layers(chunks)
+    for index, layer in layers.items():
+        check_layer_linears(layer, index, types, expert_types)
     for chunk in chunks:
         for param in chunk.parameters():
             param.requires_grad_(False)

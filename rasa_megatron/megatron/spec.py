@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import RaSAConfig
-from .inject import POOLS_ATTR, DrawnAdapters, _hf_types, attach_adapters, draw_adapters
+from .inject import EXPERT_TYPES, MODULE_TYPES, POOLS_ATTR, DrawnAdapters, _hf_types, attach_adapters, draw_adapters
 
 
 def owned_layers(tconfig) -> tuple[int, ...]:
@@ -110,7 +110,35 @@ def rasa_layer_class(base_class: type) -> type:
     return _LAYER_CLASSES[base_class]
 
 
-def rasa_layer_spec(spec, config: RaSAConfig, seed: int, adapter_dtype: torch.dtype = torch.float32):
+def _check_linears(layer_spec, types: list[str], expert_types: list[str]) -> None:
+    """Refuse, before building, target linears that are not Megatron-core's local Column/RowParallelLinear."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec, import_module
+
+    wanted = {MODULE_TYPES[path][0].rsplit(".", 1)[1] for path in types}
+    if expert_types:
+        wanted |= {EXPERT_TYPES[path][0] for path in expert_types}
+
+    def walk(node, where):
+        submodules = node.submodules if isinstance(node, ModuleSpec) else node
+        if submodules is None or not hasattr(submodules, "__dataclass_fields__"):
+            return
+        for name in submodules.__dataclass_fields__:
+            child = getattr(submodules, name)
+            if name in wanted and child is not None:
+                module = child.module if isinstance(child, ModuleSpec) else child
+                module = import_module(module) if isinstance(module, tuple) else module
+                if not (isinstance(module, type) and issubclass(module, (ColumnParallelLinear, RowParallelLinear))):
+                    raise TypeError(f"{where}.{name} is {getattr(module, '__qualname__', module)!r}; RaSA wraps "
+                                    "Megatron-core's local ColumnParallelLinear / RowParallelLinear (use the local "
+                                    "spec, e.g. get_gpt_layer_local_spec; Transformer Engine linears are not supported)")
+            elif isinstance(child, ModuleSpec) or hasattr(child, "__dataclass_fields__"):
+                walk(child, f"{where}.{name}")
+
+    walk(layer_spec, "spec")
+
+
+def rasa_layer_spec(spec, config: RaSAConfig, seed: int | None = None, adapter_dtype: torch.dtype = torch.float32):
     """A RaSA version of a Megatron GPT layer spec (the input is not modified).
 
     Args:
@@ -119,7 +147,8 @@ def rasa_layer_spec(spec, config: RaSAConfig, seed: int, adapter_dtype: torch.dt
             must be Megatron-core's local ``ColumnParallelLinear`` / ``RowParallelLinear`` (checked
             when the layer is built); MoE layers need ``SequentialMLP`` experts.
         config: the :class:`RaSAConfig` (HF target names, as for ``apply_rasa_megatron``).
-        seed: the adapter init seed; the built adapter equals HF ``apply_rasa``'s after
+        seed: the adapter init seed (default: ``torch.initial_seed()``, the last
+            ``torch.manual_seed``); the built adapter equals HF ``apply_rasa``'s after
             ``torch.manual_seed(seed)`` on every layout.
 
     Returns:
@@ -128,9 +157,10 @@ def rasa_layer_spec(spec, config: RaSAConfig, seed: int, adapter_dtype: torch.dt
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    _hf_types(config)  # unknown target names fail here, not inside GPTModel's constructor
-    key = (json.dumps(config.to_dict(), sort_keys=True), int(seed), str(adapter_dtype))
-    state = _SPEC_STATES.setdefault(key, RaSASpecState(config, int(seed), adapter_dtype))
+    types, expert_types = _hf_types(config)  # unknown target names fail here, not inside GPTModel's constructor
+    seed = torch.initial_seed() if seed is None else int(seed)
+    key = (json.dumps(config.to_dict(), sort_keys=True), seed, str(adapter_dtype))
+    state = _SPEC_STATES.setdefault(key, RaSASpecState(config, seed, adapter_dtype))
 
     def convert(layer_spec):
         if not isinstance(layer_spec, ModuleSpec):
@@ -142,6 +172,7 @@ def rasa_layer_spec(spec, config: RaSAConfig, seed: int, adapter_dtype: torch.dt
             module = import_module(module)
         if "rasa_state" in layer_spec.params:
             raise ValueError("the layer spec already has RaSA (rasa_state in its params)")
+        _check_linears(layer_spec, types, expert_types)
         converted = copy.copy(layer_spec)
         converted.module = rasa_layer_class(module)
         converted.params = {**layer_spec.params, "rasa_state": state}

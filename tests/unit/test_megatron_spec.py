@@ -73,6 +73,17 @@ def test_spec_model_freezes_its_layers_and_freeze_base_parameters_the_rest(megat
         apply_rasa_megatron(model, RASA)
 
 
+def test_default_seed_is_the_last_manual_seed(megatron_world):
+    config, hf = hf_llama(layers=2)
+    torch.manual_seed(21)
+    model = build_gpt_model(transformer_config_from_hf(config), config,
+                            spec_transform=lambda block: rasa_layer_spec(block, RASA))
+    torch.manual_seed(21)
+    apply_rasa(hf, RASA)
+    got = gather_hf_adapter([model])
+    assert all(torch.equal(got[k], p.detach()) for k, p in adapter_state_dict(hf).items())
+
+
 def test_two_models_from_one_spec_get_their_own_pools(megatron_world):
     config, hf = hf_llama()
     tconfig = transformer_config_from_hf(config)
@@ -98,5 +109,16 @@ def test_bad_specs_are_refused(megatron_world):
             super().__init__(input_size, output_size, bias=False)
 
     layer.submodules.self_attention.submodules.linear_proj = OtherLinear
-    with pytest.raises(TypeError, match="linear_proj is a .*OtherLinear; RaSA wraps Megatron-core's local"):
-        build_gpt_model(tconfig, config, spec_transform=lambda _: rasa_layer_spec(layer, RASA, seed=0))
+    with pytest.raises(TypeError, match="spec.self_attention.linear_proj is .*OtherLinear.*; RaSA wraps Megatron-core's local"):
+        rasa_layer_spec(layer, RASA, seed=0)
+    # the post-build transform refuses it too, before changing anything
+    from megatron.core.models.gpt import GPTModel
+
+    model = GPTModel(tconfig, layer, vocab_size=96, max_sequence_length=64)
+    trainable = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(TypeError, match="layer 0 self_attention.linear_proj is a .*OtherLinear; RaSA wraps"):
+        apply_rasa_megatron(model, RASA)
+    assert [p.requires_grad for p in model.parameters()] == trainable and not megatron_rasa_units(model)
+    # o_proj not targeted: its linear is left alone
+    build_gpt_model(tconfig, config, spec_transform=lambda _: rasa_layer_spec(
+        layer, RaSAConfig(r=4, k=1, target_modules=("q_proj", "v_proj")), seed=0))
