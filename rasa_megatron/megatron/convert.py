@@ -34,13 +34,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .parallel_layers import check_divisible
+
 HF_LAYER = "model.layers.{}."
-
-
-def _divisible(value: int, by: int, what: str, by_what: str) -> int:
-    if by <= 0 or value % by:
-        raise ValueError(f"{what} = {value} is not divisible by {by_what} = {by}")
-    return value // by
 
 
 def _rope_theta(hf_config) -> float:
@@ -74,11 +70,11 @@ def _head_dim(hf_config) -> int:
 
 def check_parallel_sizes(hf_config, tp: int, pp: int, vpp: int = 1) -> None:
     """Raise a ValueError naming both numbers when a parallel size does not divide what it splits."""
-    _divisible(hf_config.num_attention_heads, tp, "num_attention_heads", "tensor-parallel size")
-    _divisible(hf_config.num_key_value_heads, tp, "num_key_value_heads", "tensor-parallel size")
-    _divisible(hf_config.intermediate_size, tp, "intermediate_size", "tensor-parallel size")
-    _divisible(hf_config.vocab_size, tp, "vocab_size", "tensor-parallel size")
-    _divisible(hf_config.num_hidden_layers, pp * vpp, "num_hidden_layers",
+    check_divisible(hf_config.num_attention_heads, tp, "num_attention_heads", "tensor-parallel size")
+    check_divisible(hf_config.num_key_value_heads, tp, "num_key_value_heads", "tensor-parallel size")
+    check_divisible(hf_config.intermediate_size, tp, "intermediate_size", "tensor-parallel size")
+    check_divisible(hf_config.vocab_size, tp, "vocab_size", "tensor-parallel size")
+    check_divisible(hf_config.num_hidden_layers, pp * vpp, "num_hidden_layers",
                "pipeline-parallel size x virtual stages" if vpp > 1 else "pipeline-parallel size")
 
 
@@ -145,7 +141,7 @@ def build_gpt_model(transformer_config, hf_config, pre_process: bool = True, pos
 
 def stage_layers(num_layers: int, pp_rank: int, pp_size: int, vp_stage: int = 0, vpp_size: int = 1) -> range:
     """Global indices of the layers of one (pipeline rank, virtual stage)."""
-    per_chunk = _divisible(num_layers, pp_size * vpp_size, "num_hidden_layers", "pipeline stages x virtual stages")
+    per_chunk = check_divisible(num_layers, pp_size * vpp_size, "num_hidden_layers", "pipeline stages x virtual stages")
     start = (vp_stage * pp_size + pp_rank) * per_chunk
     return range(start, start + per_chunk)
 
@@ -173,7 +169,7 @@ def hf_to_megatron(hf_state: dict, hf_config, tp_rank: int, tp_size: int, pp_ran
     if biases:
         raise ValueError(f"the HF state has biases ({biases[0]}, ...), which the bias-free Megatron layers cannot hold")
     num_experts = getattr(hf_config, "num_local_experts", None) or 0
-    local_experts = _divisible(num_experts, ep_size, "num_local_experts", "expert-parallel size") if num_experts else 0
+    local_experts = check_divisible(num_experts, ep_size, "num_local_experts", "expert-parallel size") if num_experts else 0
     groups = hf_config.num_key_value_heads
     last_chunk = pp_rank == pp_size - 1 and vp_stage == vpp_size - 1
     first_chunk = pp_rank == 0 and vp_stage == 0
@@ -235,7 +231,7 @@ def megatron_to_hf(states: dict[tuple, dict], hf_config) -> dict[str, torch.Tens
     ep_size = 1 + max(k[3] for k in keys)
     if ep_size > 1 and not num_experts:
         raise ValueError(f"the states have {ep_size} expert-parallel ranks, the HF config has no experts")
-    local_experts = _divisible(num_experts, ep_size, "num_local_experts", "expert-parallel size") if num_experts else 0
+    local_experts = check_divisible(num_experts, ep_size, "num_local_experts", "expert-parallel size") if num_experts else 0
     local_layers = len({key.split(".")[2] for key in next(iter(states.values())) if key.startswith("decoder.layers.")})
     if local_layers * pp_size * vpp_size != hf_config.num_hidden_layers:
         raise ValueError(f"the states hold {local_layers} layers per chunk on {pp_size} pipeline x {vpp_size} virtual "

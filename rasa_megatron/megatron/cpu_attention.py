@@ -18,11 +18,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-
-def _per_partition(total: int, tp_size: int, what: str) -> int:
-    if total % tp_size:
-        raise ValueError(f"{what} = {total} is not divisible by tensor-parallel size = {tp_size}")
-    return total // tp_size
+from .parallel_layers import check_divisible
 
 
 def _tensor_parallel_size(pg_collection) -> int:
@@ -65,9 +61,10 @@ class TorchDotProductAttention(MegatronModule):
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
-        self.num_attention_heads_per_partition = _per_partition(config.num_attention_heads, tp_size,
-                                                                "num_attention_heads")
-        self.num_query_groups_per_partition = _per_partition(config.num_query_groups, tp_size, "num_query_groups")
+        self.num_attention_heads_per_partition = check_divisible(config.num_attention_heads, tp_size,
+                                                                 "num_attention_heads", "tensor-parallel size")
+        self.num_query_groups_per_partition = check_divisible(config.num_query_groups, tp_size, "num_query_groups",
+                                                              "tensor-parallel size")
         self.hidden_size_per_attention_head = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import RaSAConfig
 from ..functional import kaiming_init_
 from .parallel_layers import (COLUMN, ROW, RaSAColumnParallelLinear, RaSARowParallelLinear, ShardedRankPool,
-                              ShardedRaSA)
+                              ShardedRaSA, as_chunks)
 
 class RaSAPools(nn.ModuleDict):
     """``rasa_pools.<self_attn|mlp>.<hf name>``: the pools of this rank, with dist-checkpoint entries."""
@@ -266,7 +266,7 @@ def freeze_base_parameters(model_chunks) -> None:
     """Freeze every parameter of the model chunks except the RaSA adapters and pools (for models
     built from :func:`rasa_megatron.megatron.rasa_layer_spec`, whose embedding, final norm and
     output layer GPTModel builds outside the layer spec)."""
-    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    chunks = as_chunks(model_chunks)
     rasa = {id(p) for chunk in chunks for m in chunk.modules() if isinstance(m, (ShardedRaSA, ShardedRankPool))
             for p in m.parameters()}
     for chunk in chunks:
@@ -289,7 +289,7 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
     Returns:
         The list of model chunks.
     """
-    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    chunks = as_chunks(model_chunks)
     if any(getattr(c, POOLS_ATTR, None) is not None for c in chunks) or any(
             isinstance(m, ShardedRaSA) for c in chunks for m in c.modules()):
         raise ValueError("the model already has RaSA adapters")
@@ -310,7 +310,7 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
 def megatron_rasa_units(model_chunks) -> dict[tuple[int, str], ShardedRaSA]:
     """``(global layer index, HF module type) -> ShardedRaSA`` of this rank; experts keyed
     ``(layer, "mlp.experts.gate_up_proj", global expert index)``."""
-    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    chunks = as_chunks(model_chunks)
     units = {}
     for index, layer in transformer_layers(chunks).items():
         for path, (linear_path, _) in MODULE_TYPES.items():

@@ -61,6 +61,11 @@ def check_divisible(value: int, by: int, what: str, by_what: str) -> int:
     return value // by
 
 
+def as_chunks(model) -> list:
+    """This rank's model chunks as a list (``model``: one chunk or a list/tuple of virtual-pipeline chunks)."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 def shard_of(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     """The ``rank``-th of ``size`` contiguous chunks of ``full`` along ``dim`` (a copy)."""
     check_divisible(full.shape[dim], size, f"dim {dim} of a {list(full.shape)} tensor", "the tensor-parallel size")
@@ -505,8 +510,7 @@ def partial_grad_parameters(module) -> list[nn.Parameter]:
     """Trainable RaSA parameters whose gradient is a partial sum over the TP group, each once
     (pools included, also when the module holds only the adapters' unregistered references)."""
     seen, out = set(), []
-    modules = module if isinstance(module, (list, tuple)) else [module]
-    for root in modules:
+    for root in as_chunks(module):
         pools = [m.pool.parameters() for m in root.modules() if isinstance(m, ShardedRaSA) and m.pool is not None]
         for param in itertools.chain(root.parameters(), *pools):
             if getattr(param, PARTIAL_GRAD_ATTR, False) and param.requires_grad and id(param) not in seen:
@@ -518,7 +522,7 @@ def partial_grad_parameters(module) -> list[nn.Parameter]:
 def rasa_pools_of(model) -> list[ShardedRankPool]:
     """Every pool the model chunks use, each once, in a deterministic order."""
     seen, pools = set(), []
-    for root in (model if isinstance(model, (list, tuple)) else [model]):
+    for root in as_chunks(model):
         for module in root.modules():
             pool = module if isinstance(module, ShardedRankPool) else getattr(module, "pool", None) \
                 if isinstance(module, ShardedRaSA) else None
@@ -696,7 +700,7 @@ def check_megatron_ddp(model) -> None:
       :func:`gather_pipeline_pools` reads before the first forward.
     RaSA's gradients are ~1% of the model's; their non-overlapped reduction is cheap.
     """
-    for chunk in (model if isinstance(model, (list, tuple)) else [model]):
+    for chunk in as_chunks(model):
         ddp_config = getattr(chunk, "ddp_config", None)
         for flag in ("overlap_grad_reduce", "overlap_param_gather"):
             if ddp_config is not None and getattr(ddp_config, flag, False):
