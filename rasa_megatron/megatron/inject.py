@@ -202,10 +202,9 @@ def draw_adapters(config: RaSAConfig, tconfig, owned_layers, adapter_dtype: torc
 
 def attach_adapters(layer: nn.Module, index: int, drawn: DrawnAdapters) -> None:
     """Wrap the target linears of one Megatron ``TransformerLayer`` (global index ``index``) with
-    its adapters from ``drawn``, in place."""
+    its adapters from ``drawn``, in place (the caller has run :func:`check_layer_linears`)."""
     from megatron.core import parallel_state
 
-    check_layer_linears(layer, index, drawn.types, drawn.expert_types)
     tconfig = layer.config
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     groups = tconfig.num_query_groups or tconfig.num_attention_heads
@@ -239,16 +238,26 @@ def attach_adapters(layer: nn.Module, index: int, drawn: DrawnAdapters) -> None:
                 setattr(expert_mlp, linear_name, wrapped)
 
 
-def check_layer_linears(layer: nn.Module, index: int, types: list[str], expert_types: list[str]) -> None:
-    """Refuse a layer whose target linears are not Megatron-core's local Column/RowParallelLinear
-    (the wrappers run their base GEMM themselves) or whose experts are not a SequentialMLP."""
+def is_local_linear(module_class: type) -> bool:
+    """Whether RaSA's wrappers can run this base linear: Megatron-core's local Column/RowParallelLinear
+    (the wrappers run their base GEMM themselves; Transformer Engine linears are not supported)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+    return isinstance(module_class, type) and issubclass(module_class, (ColumnParallelLinear, RowParallelLinear))
+
+
+def not_local_linear_error(where: str, what: str) -> TypeError:
+    return TypeError(f"{where} is {what}; RaSA wraps Megatron-core's local ColumnParallelLinear / RowParallelLinear "
+                     "(use the local spec, e.g. get_gpt_layer_local_spec; Transformer Engine linears are not "
+                     "supported)")
+
+
+def check_layer_linears(layer: nn.Module, index: int, types: list[str], expert_types: list[str]) -> None:
+    """Refuse a layer whose target linears are not Megatron-core's local Column/RowParallelLinear
+    or whose experts are not a SequentialMLP."""
     def check(base, where):
-        if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
-            raise TypeError(f"{where} is a {type(base).__module__}.{type(base).__name__}; RaSA wraps Megatron-core's "
-                            "local ColumnParallelLinear / RowParallelLinear (build the model from the local spec, e.g. "
-                            "get_gpt_layer_local_spec; Transformer Engine linears are not supported)")
+        if not is_local_linear(type(base)):
+            raise not_local_linear_error(where, f"a {type(base).__module__}.{type(base).__name__}")
 
     for linear_path in dict.fromkeys(MODULE_TYPES[path][0] for path in types):
         check(layer.get_submodule(linear_path), f"layer {index} {linear_path}")
@@ -290,8 +299,7 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
         The list of model chunks.
     """
     chunks = as_chunks(model_chunks)
-    if any(getattr(c, POOLS_ATTR, None) is not None for c in chunks) or any(
-            isinstance(m, ShardedRaSA) for c in chunks for m in c.modules()):
+    if any(isinstance(m, ShardedRaSA) for c in chunks for m in c.modules()):
         raise ValueError("the model already has RaSA adapters")
     types, expert_types = _hf_types(config)  # bad targets and layers fail before anything is changed
     layers = transformer_layers(chunks)

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import RaSAConfig
-from .inject import EXPERT_TYPES, MODULE_TYPES, POOLS_ATTR, DrawnAdapters, _hf_types, attach_adapters, draw_adapters
+from .inject import (EXPERT_TYPES, MODULE_TYPES, POOLS_ATTR, DrawnAdapters, _hf_types, attach_adapters,
+                     check_layer_linears, draw_adapters, is_local_linear, not_local_linear_error)
 
 
 def owned_layers(tconfig) -> tuple[int, ...]:
@@ -69,16 +70,14 @@ class RaSASpecState:
             generator = torch.Generator().manual_seed(self.seed)
             self._drawn = draw_adapters(self.config, layer.config, self._owned, self.adapter_dtype, generator)
             self._built = set()
-            first = True
-        else:
-            first = False
         if index not in self._owned:
             raise ValueError(f"layer {index} is not among the layers {list(self._owned)} this pipeline rank builds "
                              "according to its TransformerConfig")
+        check_layer_linears(layer, index, self._drawn.types, self._drawn.expert_types)
         for param in layer.parameters():
             param.requires_grad_(False)
         attach_adapters(layer, index, self._drawn)
-        if first:
+        if not self._built:  # the model's first layer on this rank holds the pools
             setattr(layer, POOLS_ATTR, self._drawn.registry())
         self._built.add(index)
         if self._built == set(self._owned):
@@ -112,7 +111,6 @@ def rasa_layer_class(base_class: type) -> type:
 
 def _check_linears(layer_spec, types: list[str], expert_types: list[str]) -> None:
     """Refuse, before building, target linears that are not Megatron-core's local Column/RowParallelLinear."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 
     wanted = {MODULE_TYPES[path][0].rsplit(".", 1)[1] for path in types}
@@ -128,10 +126,8 @@ def _check_linears(layer_spec, types: list[str], expert_types: list[str]) -> Non
             if name in wanted and child is not None:
                 module = child.module if isinstance(child, ModuleSpec) else child
                 module = import_module(module) if isinstance(module, tuple) else module
-                if not (isinstance(module, type) and issubclass(module, (ColumnParallelLinear, RowParallelLinear))):
-                    raise TypeError(f"{where}.{name} is {getattr(module, '__qualname__', module)!r}; RaSA wraps "
-                                    "Megatron-core's local ColumnParallelLinear / RowParallelLinear (use the local "
-                                    "spec, e.g. get_gpt_layer_local_spec; Transformer Engine linears are not supported)")
+                if not is_local_linear(module):
+                    raise not_local_linear_error(f"{where}.{name}", repr(getattr(module, "__qualname__", module)))
             elif isinstance(child, ModuleSpec) or hasattr(child, "__dataclass_fields__"):
                 walk(child, f"{where}.{name}")
 
