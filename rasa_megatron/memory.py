@@ -122,7 +122,7 @@ def memory_table(counts: ParamCounts, model_config, micro_batch_size: int, seq_l
 MEGATRON_TRAINABLE_BYTES = {"adamw": 16, "lion": 12}  # fp32 adapter + fp32 main_grad + moments
 
 
-def megatron_memory_row(model, recipe, num_gpus: int) -> dict:
+def megatron_memory_row(model, recipe) -> dict:
     """Per-GPU GiB of the busiest rank for ``engine: megatron`` (the first pipeline stage).
 
     Frozen bf16 weights (2 bytes): dense ones split over TP x PP, stacked experts over EP x PP
@@ -184,7 +184,7 @@ def dry_run_report(recipe, nodes: int = 8, gpus_per_node: int = 8) -> str:
                  f"seq_len {recipe.data.seq_len}; optimizer {t.optimizer}; gradient checkpointing {t.gradient_checkpointing}")
     lines.append("| setup | model states GiB/GPU | activations GiB/GPU | total GiB/GPU | A100-40GB | A100-80GB |")
     lines.append("|---|---|---|---|---|---|")
-    rows = [megatron_memory_row(model, recipe, num_gpus)] if megatron else \
+    rows = [megatron_memory_row(model, recipe)] if megatron else \
         memory_table(counts, model.config, t.micro_batch_size, recipe.data.seq_len, num_gpus, t.optimizer,
                      t.gradient_checkpointing)
     for row in rows:

@@ -194,6 +194,12 @@ def check_resume_layout(saved: dict, current: dict) -> None:
                          "per-rank adapter and optimizer shards resume on the layout that wrote them")
 
 
+def _adapter_parameters(chunks: list) -> dict[str, torch.nn.Parameter]:
+    """``{"<chunk>.<name>": parameter}`` of the trainable (adapter) parameters: what a checkpoint holds."""
+    return {f"{v}.{name}": p for v, chunk in enumerate(chunks) for name, p in chunk.named_parameters()
+            if p.requires_grad}
+
+
 def save_checkpoint(out_dir: Path, step: int, chunks: list, optimizer, scheduler, parallel_state) -> Path:
     """Every rank writes its adapter shards, optimizer and scheduler state and RNG to
     ``checkpoints/step{step:07d}/rank{rank:05d}.pt`` (atomically: temporary file, then rename);
@@ -203,8 +209,7 @@ def save_checkpoint(out_dir: Path, step: int, chunks: list, optimizer, scheduler
     tag_dir = out_dir / CHECKPOINTS / f"step{step:07d}"
     tag_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-             "adapter": {f"{v}.{name}": p.detach().cpu() for v, chunk in enumerate(chunks)
-                         for name, p in chunk.named_parameters() if p.requires_grad}}
+             "adapter": {name: p.detach().cpu() for name, p in _adapter_parameters(chunks).items()}}
     path = tag_dir / f"rank{dist.get_rank():05d}.pt"
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
@@ -231,8 +236,7 @@ def load_checkpoint(path: Path, chunks: list, optimizer, scheduler, parallel_sta
                          f"expected {CHECKPOINTS}/latest or a {CHECKPOINTS}/step* directory)")
     check_resume_layout(json.loads((path / "layout.json").read_text()), _layout(parallel_state))
     state = torch.load(path / f"rank{dist.get_rank():05d}.pt", weights_only=False, map_location="cpu")
-    params = {f"{v}.{name}": p for v, chunk in enumerate(chunks) for name, p in chunk.named_parameters()
-              if p.requires_grad}
+    params = _adapter_parameters(chunks)
     if set(params) != set(state["adapter"]):
         raise SystemExit(f"error: cannot resume: the checkpoint's adapter does not fit this model "
                          f"(differs in {sorted(set(params) ^ set(state['adapter']))[:3]})")
@@ -350,7 +354,7 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True,
 
         bar = tqdm(total=stop, initial=start, desc="megatron", unit="step")
     for step in steps:
-        start = time.perf_counter()
+        step_start = time.perf_counter()
         epoch = step // steps_per_epoch
         plan = global_batch_plan(lengths, t.global_batch_size, t.seed, epoch, d.group_by_length)
         micro = micro_batches_for_rank(plan[step % steps_per_epoch], t.micro_batch_size, dp_rank, dp_size)
@@ -379,7 +383,7 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True,
         loss = loss.item() / dp_size
         if logs:
             tokens = sum(int(b["loss_mask"].sum()) for b in batches) * dp_size
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - step_start
             peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
             row = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens,
                    "tokens_per_s_per_gpu": tokens / seconds / dist.get_world_size(), "step_seconds": seconds,

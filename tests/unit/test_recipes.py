@@ -231,15 +231,15 @@ def test_megatron_dry_run_reports_the_megatron_layout():
     mixtral = load_recipe(CONFIGS / "mixtral_8x7b_rasa_megatron.yaml")
     model = build_meta_model(mixtral)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n and not p.requires_grad)
-    ep8 = megatron_memory_row(model, mixtral, 64)
+    ep8 = megatron_memory_row(model, mixtral)
     mixtral.megatron.expert_model_parallel_size = 4
-    ep4 = megatron_memory_row(model, mixtral, 64)
+    ep4 = megatron_memory_row(model, mixtral)
     trainable_experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n and p.requires_grad)
     want = (2 * experts + 12 * trainable_experts) * (1 / 4 - 1 / 8) / 2**30  # one more expert per GPU
     assert abs((ep4["model_states_gib"] - ep8["model_states_gib"]) - want) < 1e-6
     assert ep4["activations_gib"] == ep8["activations_gib"]
     assert 13.0 < ep8["model_states_gib"] < 15.0  # 3.2 GB dense + 11.3 GB one expert (recipe header)
     llama.megatron.sequence_parallel = False
-    no_sp = megatron_memory_row(build_meta_model(llama), llama, 64)
+    no_sp = megatron_memory_row(build_meta_model(llama), llama)
     assert no_sp["activations_gib"] > 1.5 * megatron_memory_row(build_meta_model(llama), load_recipe(
-        CONFIGS / "llama3_70b_rasa_megatron.yaml"), 64)["activations_gib"]
+        CONFIGS / "llama3_70b_rasa_megatron.yaml"))["activations_gib"]
