@@ -121,6 +121,14 @@ def _mark_partial(*params: nn.Parameter) -> None:
         setattr(param, PARTIAL_GRAD_ATTR, True)
 
 
+def _mark_tp_sharded(param: nn.Parameter, dim: int) -> None:
+    """Megatron's tensor-parallel attributes on a TP-sharded factor, so Megatron's optimizer (gradient
+    norm, distributed optimizer) counts each shard once, as it does for the base weights."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+
+
 def _layout_free_key(key: str) -> str:
     """A pool registered on a layer (models built from ``rasa_layer_spec``) gets the key
     ``<model>.decoder.layers.[n.]rasa_pools...`` from Megatron's TransformerBlock (``n``, that rank's
@@ -171,6 +179,10 @@ class ShardedRankPool(nn.Module):
         self.B_shared = nn.Parameter(torch.empty(self.out_features, local_rank, dtype=dtype))
         if tp_size > 1:
             _mark_partial(self.A_shared if parallel == COLUMN else self.B_shared)
+        if parallel == COLUMN:
+            _mark_tp_sharded(self.B_shared, dim=0)
+        else:
+            _mark_tp_sharded(self.A_shared, dim=1)
         self.full_A = self.full_B = None
         self.reset_parameters(generator)
 
@@ -286,6 +298,10 @@ class ShardedRaSA(MergeableUpdate, nn.Module):
                                             if p is not None]
         if tp_size > 1:
             _mark_partial(*replicated_partial)
+        if private_rank and parallel == COLUMN:
+            _mark_tp_sharded(self.B_private, dim=0)
+        elif private_rank:
+            _mark_tp_sharded(self.A_private, dim=1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         object.__setattr__(self, "_base_weight_fn", None)
         self.reset_parameters(generator)
