@@ -105,13 +105,16 @@ class OutputSection:
 @dataclass
 class MegatronSection:
     """Parallel layout for ``engine: megatron`` (data parallel = world / (tensor x pipeline)). Expert
-    parallelism (MoE) splits the experts over ``expert_model_parallel_size`` of the data-parallel ranks."""
+    parallelism (MoE) splits the experts over ``expert_model_parallel_size`` of the data-parallel ranks.
+    ``use_distributed_optimizer``: Megatron's distributed optimizer (AdamW states and the step sharded
+    over data-parallel ranks) instead of a replicated torch optimizer; needs ``train.optimizer: adamw``."""
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
 
 
 @dataclass
@@ -333,6 +336,12 @@ def _validate_megatron(recipe: Recipe, world_size: int) -> int:
         raise RecipeError(f"data-parallel size {world_size // model_parallel} (world {world_size} / tensor x pipeline "
                           f"{model_parallel}) is not divisible by megatron.expert_model_parallel_size = "
                           f"{mg.expert_model_parallel_size}: the experts are split over data-parallel ranks")
+    for name in ("sequence_parallel", "use_distributed_optimizer"):
+        if not isinstance(getattr(mg, name), bool):
+            raise RecipeError(f"megatron.{name} must be true or false, got {getattr(mg, name)!r}")
+    if mg.use_distributed_optimizer and recipe.train.optimizer != "adamw":
+        raise RecipeError(f"megatron.use_distributed_optimizer: true needs train.optimizer: adamw (Megatron's "
+                          f"distributed optimizer is Adam/AdamW or SGD), got {recipe.train.optimizer!r}")
     if recipe.adapter.method == "full":
         raise RecipeError("engine: megatron trains adapters (adapter.method rasa or lora); use engine: deepspeed "
                           "for full fine-tuning")

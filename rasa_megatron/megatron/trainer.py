@@ -9,7 +9,9 @@ data-parallel rank, and the schedule's ``finalize_model_grads_func``
 of partial grads) and then runs Megatron's own, whose DDP averages over data-parallel ranks, expert
 adapters (MoE, expert parallel) over the ranks holding the same experts; the global gradient norm is
 clipped over the model-parallel and expert-parallel groups; the adapter parameters (fp32) step with
-LionW/AdamW on their ``main_grad``. Same data plan, loss averaging, init
+LionW/AdamW on their ``main_grad``, or (``megatron.use_distributed_optimizer``) with Megatron's
+distributed optimizer, which shards the AdamW states and the step over data-parallel ranks and
+clips with its own global norm. Same data plan, loss averaging, init
 and schedule as the DeepSpeed path, so both match the single-process reference. At the end the
 adapter is assembled on rank 0 (:func:`gather_hf_adapter`) and written in the project format and
 as a PEFT LoRA export. Base weights stream from the checkpoint's safetensors: each rank reads only
@@ -161,6 +163,31 @@ def clip_grad_norm(params: list, max_norm: float, parallel_state) -> float:
     return norm
 
 
+def build_optimizer(recipe: Recipe, ddp_chunks: list, params: list):
+    """The adapter optimizer -> ``(optimizer, torch_optimizers)``: a torch LionW/AdamW over ``params``
+    (then ``torch_optimizers == [optimizer]``), or with ``megatron.use_distributed_optimizer``
+    Megatron's ``get_megatron_optimizer`` (AdamW, every parameter decayed as in the other paths,
+    ``clip_grad = train.max_grad_norm``) over the DDP chunks, whose torch optimizers over this rank's
+    shards (dense and expert parameters) take the LR schedule and the checkpointed state."""
+    t = recipe.train
+    if recipe.megatron.use_distributed_optimizer:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        config = OptimizerConfig(optimizer="adam", lr=t.lr, weight_decay=t.weight_decay, adam_beta1=t.betas[0],
+                                 adam_beta2=t.betas[1], adam_eps=1e-8, clip_grad=t.max_grad_norm or 0.0,
+                                 use_distributed_optimizer=True, params_dtype=torch.float32)
+        # config_overrides={}: no Megatron default of skipping weight decay on 1-D parameters (RaSA's D)
+        optimizer = get_megatron_optimizer(config, ddp_chunks, config_overrides={})
+        return optimizer, [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    if t.optimizer == "lion":
+        from lion_pytorch import Lion
+
+        optimizer = Lion(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    return optimizer, [optimizer]
+
+
 def _hf_model_with_adapter(hf_config, rasa_config, tensors: dict):
     """A meta-device HF model carrying the real adapter tensors (for save_adapter / export_peft_lora)."""
     from transformers import AutoModelForCausalLM
@@ -177,8 +204,9 @@ def _hf_model_with_adapter(hf_config, rasa_config, tensors: dict):
     return model
 
 
-def _layout(parallel_state) -> dict:
-    return {"world_size": dist.get_world_size(),
+def _layout(parallel_state, distributed_optimizer: bool) -> dict:
+    """What per-rank checkpoint state depends on: the parallel layout and the optimizer's sharding."""
+    return {"world_size": dist.get_world_size(), "use_distributed_optimizer": distributed_optimizer,
             "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
             "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
             "virtual_pipeline_model_parallel_size": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
@@ -200,22 +228,25 @@ def _adapter_parameters(chunks: list) -> dict[str, torch.nn.Parameter]:
             if p.requires_grad}
 
 
-def save_checkpoint(out_dir: Path, step: int, chunks: list, optimizer, scheduler, parallel_state) -> Path:
-    """Every rank writes its adapter shards, optimizer and scheduler state and RNG to
+def save_checkpoint(out_dir: Path, step: int, chunks: list, optimizers: list, schedulers: list, parallel_state,
+                    distributed_optimizer: bool = False) -> Path:
+    """Every rank writes its adapter shards, its torch optimizers' states (with Megatron's distributed
+    optimizer: this rank's shards), the schedulers' states and RNG to
     ``checkpoints/step{step:07d}/rank{rank:05d}.pt`` (atomically: temporary file, then rename);
     after all ranks wrote, rank 0 writes ``layout.json`` and then ``checkpoints/latest``."""
     from ..zero3 import rng_state
 
     tag_dir = out_dir / CHECKPOINTS / f"step{step:07d}"
     tag_dir.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+    state = {"step": step, "optimizers": [o.state_dict() for o in optimizers],
+             "schedulers": [s.state_dict() for s in schedulers], "rng": rng_state(),
              "adapter": {name: p.detach().cpu() for name, p in _adapter_parameters(chunks).items()}}
     path = tag_dir / f"rank{dist.get_rank():05d}.pt"
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     dist.barrier()
     if dist.get_rank() == 0:
-        (tag_dir / "layout.json").write_text(json.dumps(_layout(parallel_state)))
+        (tag_dir / "layout.json").write_text(json.dumps(_layout(parallel_state, distributed_optimizer)))
         latest = out_dir / CHECKPOINTS / "latest"
         latest.with_suffix(".tmp").write_text(tag_dir.name)
         os.replace(latest.with_suffix(".tmp"), latest)
@@ -223,7 +254,8 @@ def save_checkpoint(out_dir: Path, step: int, chunks: list, optimizer, scheduler
     return tag_dir
 
 
-def load_checkpoint(path: Path, chunks: list, optimizer, scheduler, parallel_state) -> int:
+def load_checkpoint(path: Path, chunks: list, optimizers: list, schedulers: list, parallel_state,
+                    distributed_optimizer: bool = False) -> int:
     """Restore what :func:`save_checkpoint` wrote (``path``: the checkpoints root with ``latest``, or a
     ``step*`` directory) on the same layout; returns the global step to continue from."""
     from ..zero3 import set_rng_state
@@ -234,7 +266,7 @@ def load_checkpoint(path: Path, chunks: list, optimizer, scheduler, parallel_sta
     if not (path / "layout.json").is_file():
         raise SystemExit(f"error: cannot resume: {path} is not a Megatron-engine checkpoint (no layout.json; "
                          f"expected {CHECKPOINTS}/latest or a {CHECKPOINTS}/step* directory)")
-    check_resume_layout(json.loads((path / "layout.json").read_text()), _layout(parallel_state))
+    check_resume_layout(json.loads((path / "layout.json").read_text()), _layout(parallel_state, distributed_optimizer))
     state = torch.load(path / f"rank{dist.get_rank():05d}.pt", weights_only=False, map_location="cpu")
     params = _adapter_parameters(chunks)
     if set(params) != set(state["adapter"]):
@@ -246,8 +278,13 @@ def load_checkpoint(path: Path, chunks: list, optimizer, scheduler, parallel_sta
                 raise SystemExit(f"error: cannot resume: {name} is {tuple(state['adapter'][name].shape)} in the "
                                  f"checkpoint, {tuple(param.shape)} in this model (another adapter config?)")
             param.copy_(state["adapter"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if len(state["optimizers"]) != len(optimizers):
+        raise SystemExit(f"error: cannot resume: the checkpoint holds {len(state['optimizers'])} optimizer states, "
+                         f"this run has {len(optimizers)}")
+    for optimizer, saved in zip(optimizers, state["optimizers"]):
+        optimizer.load_state_dict(saved)
+    for scheduler, saved in zip(schedulers, state["schedulers"]):
+        scheduler.load_state_dict(saved)
     set_rng_state(state["rng"])
     return int(state["step"])
 
@@ -317,25 +354,21 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True,
             chunk.cuda()
     # Megatron's DDP over the adapter parameters (fp32 grad buffers; no overlap: check_megatron_ddp)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=False)
+                                               use_distributed_optimizer=mg.use_distributed_optimizer)
     ddp_chunks = [DistributedDataParallel(tconfig, ddp_config, chunk, disable_bucketing=v > 0)
                   for v, chunk in enumerate(chunks)]
     tconfig.finalize_model_grads_func = finalize_model_grads_with_rasa
     tconfig.batch_p2p_comm = cuda  # gloo has no batched isend/irecv
     params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
-    if t.optimizer == "lion":
-        from lion_pytorch import Lion
-
-        optimizer = Lion(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    optimizer, torch_optimizers = build_optimizer(recipe, ddp_chunks, params)
 
     tokenizer = load_tokenizer(recipe)
     dataset = tokenize_dataset(load_raw_dataset(d.paths), tokenizer, d)
     lengths = np.array([len(ids) for ids in dataset["input_ids"]])
     steps_per_epoch = len(dataset) // t.global_batch_size
     total = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, t.warmup_ratio))
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, cosine_with_warmup(total, t.warmup_ratio))
+                  for o in torch_optimizers]
     forward_backward = get_forward_backward_func()
     out_dir = Path(recipe.output.dir)
     logs = pp_rank == pp - 1 and tp_rank == 0 and dp_rank == 0
@@ -344,8 +377,8 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True,
     rows = []
     start = 0
     if resume is not None:
-        start = load_checkpoint(out_dir / CHECKPOINTS if resume == "latest" else Path(resume), chunks, optimizer,
-                                scheduler, parallel_state)
+        start = load_checkpoint(out_dir / CHECKPOINTS if resume == "latest" else Path(resume), chunks,
+                                torch_optimizers, schedulers, parallel_state, mg.use_distributed_optimizer)
     stop = total if stop_step is None else min(total, stop_step)
     steps = range(start, stop)
     bar = None
@@ -369,12 +402,16 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True,
         losses = forward_backward(forward_step_func=_forward_step, data_iterator=iterators,
                                   model=ddp_chunks if vpp > 1 else ddp_chunks[0], num_microbatches=len(batches),
                                   seq_length=d.seq_len, micro_batch_size=t.micro_batch_size, forward_only=False)
-        for param in params:  # the optimizer steps on DDP's reduced fp32 gradient (as Megatron's fp32 path)
-            param.grad = param.main_grad
-        norm = clip_grad_norm(params, t.max_grad_norm, parallel_state)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
+        lr = torch_optimizers[0].param_groups[0]["lr"]
+        if mg.use_distributed_optimizer:  # Megatron's step: clip by its global norm, step the shards, gather
+            _, norm, _ = optimizer.step()
+        else:
+            for param in params:  # the optimizer steps on DDP's reduced fp32 gradient (as Megatron's fp32 path)
+                param.grad = param.main_grad
+            norm = clip_grad_norm(params, t.max_grad_norm, parallel_state)
+            optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         # the step's loss: mean over this rank's micro-batches (last stage), then over data-parallel ranks
         loss = torch.tensor(sum(float(x["loss"]) for x in losses) / len(losses) if losses else 0.0,
@@ -394,11 +431,12 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True,
                 bar.set_postfix(loss=f"{loss:.4f}", grad_norm=f"{norm:.3f}")
                 bar.update()
         if recipe.output.save_every and (step + 1) % recipe.output.save_every == 0 and step + 1 < stop:
-            save_checkpoint(out_dir, step + 1, chunks, optimizer, scheduler, parallel_state)
+            save_checkpoint(out_dir, step + 1, chunks, torch_optimizers, schedulers, parallel_state,
+                            mg.use_distributed_optimizer)
     if bar is not None:
         bar.close()
     if stop < total:  # stopped early: a checkpoint to resume from, not the final adapter
-        save_checkpoint(out_dir, stop, chunks, optimizer, scheduler, parallel_state)
+        save_checkpoint(out_dir, stop, chunks, torch_optimizers, schedulers, parallel_state, mg.use_distributed_optimizer)
         return rows
     adapter = gather_hf_adapter(chunks)
     if adapter is not None and recipe.output.save_adapter:

@@ -236,14 +236,20 @@ MOE_ADAPTER = {"target_modules": ["q_proj", "v_proj"],
                "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
 
 
-@pytest.mark.parametrize("layout,model,adapter", [
-    ({"tensor_model_parallel_size": 2}, "tiny_llama", {}),
-    ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, "tiny_llama4", {}),
-    ({"expert_model_parallel_size": 2}, "tiny_mixtral", MOE_ADAPTER),
-    ({"pipeline_model_parallel_size": 2}, "tiny_mixtral", MOE_ADAPTER),
-    ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, "tiny_mixtral", MOE_ADAPTER)],
-    ids=["tp2", "pp2_vpp2", "ep2_dp2", "moe_pp2", "moe_tp2_sp"])
-def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, layout, model, adapter):
+DISTRIBUTED_OPTIMIZER = {"use_distributed_optimizer": True}
+
+
+@pytest.mark.parametrize("layout,model,adapter,nproc", [
+    ({"tensor_model_parallel_size": 2}, "tiny_llama", {}, 2),
+    ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, "tiny_llama4", {}, 2),
+    ({"expert_model_parallel_size": 2}, "tiny_mixtral", MOE_ADAPTER, 2),
+    ({"pipeline_model_parallel_size": 2}, "tiny_mixtral", MOE_ADAPTER, 2),
+    ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, "tiny_mixtral", MOE_ADAPTER, 2),
+    ({"tensor_model_parallel_size": 2, **DISTRIBUTED_OPTIMIZER}, "tiny_llama", {}, 2),
+    ({"pipeline_model_parallel_size": 2, **DISTRIBUTED_OPTIMIZER}, "tiny_llama4", {}, 4),
+    ({"expert_model_parallel_size": 2, **DISTRIBUTED_OPTIMIZER}, "tiny_mixtral", MOE_ADAPTER, 2)],
+    ids=["tp2", "pp2_vpp2", "ep2_dp2", "moe_pp2", "moe_tp2_sp", "tp2_distopt", "pp2_dp2_distopt", "ep2_dp2_distopt"])
+def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, layout, model, adapter, nproc):
     """`examples/pretrain_rasa.py` with `engine: megatron` (Megatron's own pipeline schedule and DDP,
     CPU compatibility redirections only) on 2 processes vs the same single-process HF reference as the
     DeepSpeed runs: AdamW, 3 steps, losses rel 1e-5 and the saved adapter within 1e-5. ep2_dp2: tiny
@@ -251,17 +257,22 @@ def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, l
     micro-batches): DDP averages the attention adapters over both and leaves each expert's adapters on
     its rank (``allreduce = False``). moe_pp2: the expert pools sharded over 2 pipeline stages;
     moe_tp2_sp: attention tensor-parallel with sequence parallelism, experts whole on each TP rank
-    (expert TP 1)."""
+    (expert TP 1). ``*_distopt``: Megatron's distributed optimizer (``get_megatron_optimizer``; its
+    own global-norm clipping, engaged by max_grad_norm 0.05) instead of torch AdamW: pp2_dp2 on 4
+    processes shards the AdamW states of each stage's adapters (pool slices included) over 2
+    data-parallel ranks; ep2_dp2 chains a dense and an expert distributed optimizer."""
     from reference import reference_run
 
     from rasa_megatron.recipe import load_recipe
 
     out = tmp_path / "run"
-    recipe_path = _recipe(workspace, out, train={"optimizer": "adamw", "max_steps": 3}, megatron=layout,
+    train = {"optimizer": "adamw", "max_steps": 3, **({"max_grad_norm": 0.05} if layout.get("use_distributed_optimizer")
+                                                      else {})}
+    recipe_path = _recipe(workspace, out, train=train, megatron=layout,
                           model={"path": _tiny_checkpoint(workspace, model)}, adapter=adapter)
     text = recipe_path.read_text().replace("engine: deepspeed", "")
     recipe_path.write_text("engine: megatron\n" + text)
-    launch(recipe_path, 2)
+    launch(recipe_path, nproc)
     recipe = load_recipe(recipe_path)
     assert recipe.engine == "megatron"
     ref_losses, ref_adapter = reference_run(recipe, 3)
@@ -270,13 +281,16 @@ def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, l
     assert (out / "peft_adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_megatron_engine_resume_reproduces_uninterrupted_run(workspace, tmp_path):
+@pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["torch_adamw", "distopt"])
+def test_megatron_engine_resume_reproduces_uninterrupted_run(workspace, tmp_path, distributed_optimizer):
     """engine: megatron at PP2 (1F1B over 2 stages, pipeline-sharded pools): stop after step 2 of 4
     (checkpoint: per-rank adapter shards, optimizer, scheduler, RNG), resume with --resume: steps 3-4
     and the final adapter equal the uninterrupted run (adapter dropout on, so the RNG restore
-    matters; rel 1e-6 / abs 1e-6). Resuming on another layout is refused, naming the difference."""
+    matters; rel 1e-6 / abs 1e-6). ``distopt``: the state saved is that of the torch AdamW inside
+    Megatron's distributed optimizer. Resuming on another layout is refused, naming the difference."""
     extra = {"adapter": {"dropout": 0.1}, "train": {"optimizer": "adamw", "max_steps": 4},
-             "megatron": {"pipeline_model_parallel_size": 2}, "model": {"path": _tiny_checkpoint(workspace, "tiny_llama4")}}
+             "megatron": {"pipeline_model_parallel_size": 2, "use_distributed_optimizer": distributed_optimizer},
+             "model": {"path": _tiny_checkpoint(workspace, "tiny_llama4")}}
 
     def megatron_recipe(out):
         path = _recipe(workspace, out, **extra)
@@ -300,6 +314,9 @@ def test_megatron_engine_resume_reproduces_uninterrupted_run(workspace, tmp_path
 
     saved = json.loads((part / "checkpoints" / "step0000002" / "layout.json").read_text())
     assert saved["pipeline_model_parallel_size"] == 2 and saved["world_size"] == 2
+    assert saved["use_distributed_optimizer"] is distributed_optimizer
+    with pytest.raises(SystemExit, match=f"use_distributed_optimizer {distributed_optimizer} -> {not distributed_optimizer}"):
+        check_resume_layout(saved, {**saved, "use_distributed_optimizer": not distributed_optimizer})
     with pytest.raises(SystemExit, match=r"pipeline_model_parallel_size 2 -> 1, tensor_model_parallel_size 1 -> 2"
                                          r"|tensor_model_parallel_size 1 -> 2, pipeline_model_parallel_size 2 -> 1"):
         check_resume_layout(saved, {**saved, "pipeline_model_parallel_size": 1, "tensor_model_parallel_size": 2})

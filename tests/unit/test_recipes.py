@@ -199,6 +199,15 @@ def test_megatron_recipe_layout_is_validated():
     recipe.megatron.pipeline_model_parallel_size, recipe.megatron.expert_model_parallel_size = 2, 2
     with pytest.raises(RecipeError, match=r"expert_model_parallel_size = 2 needs a MoE model"):
         validate_recipe(recipe, world_size=64, require_data=False)
+    recipe.megatron.expert_model_parallel_size = 1
+    recipe.megatron.use_distributed_optimizer = True  # Megatron's distributed optimizer is Adam(W)/SGD only
+    with pytest.raises(RecipeError, match=r"use_distributed_optimizer: true needs train.optimizer: adamw.*'lion'"):
+        validate_recipe(recipe, world_size=64, require_data=False)
+    recipe.train.optimizer = "adamw"
+    assert validate_recipe(recipe, world_size=64, require_data=False) == 192 // (1 * 4)
+    recipe.megatron.use_distributed_optimizer = "yes"
+    with pytest.raises(RecipeError, match=r"megatron.use_distributed_optimizer must be true or false, got 'yes'"):
+        validate_recipe(recipe, world_size=64, require_data=False)
 
 
 def test_megatron_moe_layout_is_validated():
