@@ -32,7 +32,8 @@ from .zero3 import (keep_pools_resident, load_portable_state, resolve_checkpoint
 CHECKPOINTS = "checkpoints"
 PORTABLE = "portable"
 METRICS = "metrics.csv"
-METRIC_FIELDS = ("step", "epoch", "loss", "lr", "tokens", "tokens_per_s_per_gpu", "step_seconds", "peak_mem_mib")
+METRIC_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s_per_gpu", "step_seconds",
+                 "peak_mem_mib")
 
 
 def world() -> tuple[int, int]:
@@ -317,13 +318,14 @@ def train(state: TrainState, start_step: int = 0, stop_step: int | None = None, 
         seconds = time.perf_counter() - started
         row = {"step": step + 1, "epoch": round((step + 1) / state.steps_per_epoch, 4),
                "loss": loss_sum[0].item() / (state.grad_accum * world_size), "lr": lr,
+               "grad_norm": _global_grad_norm(engine),
                "tokens": int(loss_sum[1].item()), "tokens_per_s_per_gpu": loss_sum[1].item() / seconds / world_size,
                "step_seconds": seconds, "peak_mem_mib": _peak_memory_mib()}
         rows.append(row)
         if rank == 0:
             _append_metrics(out_dir / METRICS, row)
             if board is not None:
-                for key in ("loss", "lr", "tokens_per_s_per_gpu", "peak_mem_mib"):
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s_per_gpu", "peak_mem_mib"):
                     board.add_scalar(f"train/{key}", row[key], row["step"])
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s_gpu=f"{row['tokens_per_s_per_gpu']:.0f}",
                             mem=f"{row['peak_mem_mib']:.0f}MiB")
@@ -334,6 +336,12 @@ def train(state: TrainState, start_step: int = 0, stop_step: int | None = None, 
     if board is not None:
         board.close()
     return rows
+
+
+def _global_grad_norm(engine) -> float:
+    """The step's global gradient norm before clipping, as DeepSpeed computed it (NaN when it did not)."""
+    norm = engine.get_global_grad_norm()
+    return float("nan") if norm is None else float(norm)
 
 
 def _tensorboard(out_dir: Path):

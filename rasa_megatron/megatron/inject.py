@@ -129,6 +129,7 @@ def draw_adapters(config: RaSAConfig, tconfig, owned_layers, adapter_dtype: torc
     not depend on the layout. Requires ``megatron.core.parallel_state`` to be initialised.
     """
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
     types, expert_types = _hf_types(config)
     num_layers = tconfig.num_layers
@@ -189,14 +190,17 @@ def draw_adapters(config: RaSAConfig, tconfig, owned_layers, adapter_dtype: torc
                                             *((0, 1) if expert else (tp_rank, tp_size)), layer_index=index,
                                             dropout=config.dropout, dtype=adapter_dtype, generator=generator)
                 adapters[key].expert_index = e
-    # Megatron's mark for expert parameters: its DDP reduces them over the expert-data-parallel group
-    # (the ranks holding the same experts), not over all data-parallel ranks
-    for key, adapter in adapters.items():
-        for param in (adapter.parameters() if len(key) == 3 else ()):
-            param.allreduce = False
-    for pool in expert_pools.values():
-        for param in pool.parameters():
-            param.allreduce = False
+    # Megatron's marks for expert parameters: ``allreduce = False`` makes its DDP reduce them over the
+    # expert-data-parallel group (the ranks holding the same experts), not over all data-parallel
+    # ranks; and with expert TP 1 no expert parameter is a duplicate of another TP rank's, so each is
+    # ``tensor_model_parallel`` (as Megatron's expert weights are), else Megatron's optimizers would
+    # drop the replicated factors (A, D) of dense-TP ranks > 0 from the gradient norm
+    expert_params = [p for key, adapter in adapters.items() if len(key) == 3 for p in adapter.parameters()]
+    expert_params += [p for pool in expert_pools.values() for p in pool.parameters()]
+    for param in expert_params:
+        param.allreduce = False
+        if not getattr(param, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
     return DrawnAdapters(types, expert_types, local_experts, pools, expert_pools, adapters)
 
 

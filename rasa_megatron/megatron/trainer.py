@@ -422,7 +422,7 @@ def run(recipe: Recipe, stop_step: int | None = None, progress: bool = True,
             tokens = sum(int(b["loss_mask"].sum()) for b in batches) * dp_size
             seconds = time.perf_counter() - step_start
             peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
-            row = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens,
+            row = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": float(norm), "tokens": tokens,
                    "tokens_per_s_per_gpu": tokens / seconds / dist.get_world_size(), "step_seconds": seconds,
                    "peak_mem_mib": peak}
             rows.append(row)

@@ -62,7 +62,12 @@ def _free_port() -> int:
 
 
 def read_losses(out_dir: Path) -> list[float]:
+    return read_metric(out_dir, "loss")
+
+
+def read_metric(out_dir: Path, column: str) -> list[float]:
+    """One column of a run's ``metrics.csv``, per step."""
     import csv
 
     with open(out_dir / "metrics.csv", newline="") as handle:
-        return [float(row["loss"]) for row in csv.DictReader(handle)]
+        return [float(row[column]) for row in csv.DictReader(handle)]

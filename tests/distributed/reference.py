@@ -16,8 +16,9 @@ from rasa_megatron.recipe import Recipe
 from rasa_megatron.trainer import build_model, cosine_with_warmup, load_tokenizer
 
 
-def reference_run(recipe: Recipe, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses per global step and the final adapter tensors (fp32)."""
+def reference_run(recipe: Recipe, steps: int) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
+    """Losses per global step, the final adapter tensors (fp32) and the global gradient norm (before
+    clipping) per step."""
     from lion_pytorch import Lion
 
     tokenizer = load_tokenizer(recipe)
@@ -34,7 +35,7 @@ def reference_run(recipe: Recipe, steps: int) -> tuple[list[float], dict[str, to
     else:
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, t.warmup_ratio))
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         epoch = step // steps_per_epoch
         plan = global_batch_plan(lengths, t.global_batch_size, t.seed, epoch, recipe.data.group_by_length)
@@ -45,9 +46,9 @@ def reference_run(recipe: Recipe, steps: int) -> tuple[list[float], dict[str, to
             loss = model(**batch).loss
             (loss / len(micro)).backward()
             total_loss += loss.item() / len(micro)
-        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        norms.append(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item())
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total_loss)
-    return losses, {k: v.detach().float().clone() for k, v in adapter_state_dict(model).items()}
+    return losses, {k: v.detach().float().clone() for k, v in adapter_state_dict(model).items()}, norms
