@@ -33,7 +33,7 @@ from ..data import global_batch_plan, load_raw_dataset, micro_batches_for_rank, 
 from ..recipe import Recipe
 from ..trainer import CHECKPOINTS
 from .inject import apply_rasa_megatron, gather_hf_adapter
-from .parallel_layers import PARTIAL_GRAD_ATTR, finalize_model_grads_with_rasa, gather_pipeline_pools
+from .parallel_layers import finalize_model_grads_with_rasa, gather_pipeline_pools
 
 
 class _StackedExperts:
@@ -138,28 +138,22 @@ def _forward_step(data_iterator, model):
 
 
 def clip_grad_norm(params: list, max_norm: float, parallel_state) -> float:
-    """Global L2 norm over the whole model, each value counted once: dense parameters summed over the
-    model-parallel group (TP shards, pipeline stages; TP-replicated factors only on TP rank 0), expert
-    parameters (``allreduce = False``) over the expert tensor x expert x pipeline group (each expert
-    lives on one expert-parallel rank). Scales the grads in place when above ``max_norm``.
-    (Megatron's ``clip_grad_norm_fp32`` asserts CUDA tensors, so the same sum is written out here.)"""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    device = params[0].device if params else "cpu"  # sums stay on the device: no sync per parameter
-    dense, expert = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
-    for param in params:
-        if param.grad is None:
-            continue
-        if not getattr(param, "allreduce", True):
-            expert += param.grad.double().pow(2).sum()
-        elif not getattr(param, PARTIAL_GRAD_ATTR, False) or tp_rank == 0:
-            dense += param.grad.double().pow(2).sum()
-    dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
-    dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
-    norm = (dense + expert).sqrt().item()
-    if max_norm and norm > max_norm:
-        for param in params:
-            if param.grad is not None:
-                param.grad.mul_(max_norm / (norm + 1e-6))
+    """Global L2 norm of ``params``' gradients as Megatron's optimizers take it (its
+    ``get_grad_norm_fp32``, TP duplicates dropped by its ``tensor_model_parallel`` test): dense
+    parameters over the model-parallel group, expert parameters (``allreduce = False``) over the
+    expert tensor x expert x pipeline group, combined; then Megatron's ``clip_grad_by_total_norm_fp32``
+    scales the grads in place when the norm is above ``max_norm``. Returns the norm before clipping."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    counted = [p for p in params if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
+    dense = get_grad_norm_fp32([p.grad for p in counted if getattr(p, "allreduce", True)],
+                               grad_stats_parallel_group=parallel_state.get_model_parallel_group())
+    expert = get_grad_norm_fp32([p.grad for p in counted if not getattr(p, "allreduce", True)],
+                                grad_stats_parallel_group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+    norm = math.hypot(dense, expert)
+    if max_norm:
+        clip_grad_by_total_norm_fp32([p for p in params if p.grad is not None], max_norm, norm)
     return norm
 
 
