@@ -137,21 +137,30 @@ def _forward_step(data_iterator, model):
     return per_token, loss_func
 
 
-def clip_grad_norm(params: list, max_norm: float, parallel_state) -> float:
-    """Global L2 norm of ``params``' gradients as Megatron's optimizers take it (its
-    ``get_grad_norm_fp32``, TP duplicates dropped by its ``tensor_model_parallel`` test): dense
+def global_grad_norm(params: list, parallel_state) -> float:
+    """Global L2 norm of ``params``' gradients as Megatron's optimizers take it: its parameter filter
+    (shared and TP-duplicate parameters dropped by their attributes) and ``get_grad_norm_fp32``, dense
     parameters over the model-parallel group, expert parameters (``allreduce = False``) over the
-    expert tensor x expert x pipeline group, combined; then Megatron's ``clip_grad_by_total_norm_fp32``
-    scales the grads in place when the norm is above ``max_norm``. Returns the norm before clipping."""
-    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
+    expert tensor x expert x pipeline group, combined."""
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
 
-    counted = [p for p in params if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
+    counted = [p for p in params if p.grad is not None and param_is_not_shared(p)
+               and param_is_not_tensor_parallel_duplicate(p)]
     dense = get_grad_norm_fp32([p.grad for p in counted if getattr(p, "allreduce", True)],
                                grad_stats_parallel_group=parallel_state.get_model_parallel_group())
     expert = get_grad_norm_fp32([p.grad for p in counted if not getattr(p, "allreduce", True)],
                                 grad_stats_parallel_group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
-    norm = math.hypot(dense, expert)
+    return math.hypot(dense, expert)
+
+
+def clip_grad_norm(params: list, max_norm: float, parallel_state) -> float:
+    """:func:`global_grad_norm`, then Megatron's ``clip_grad_by_total_norm_fp32`` scales the grads in
+    place when it is above ``max_norm``. Returns the norm before clipping."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    norm = global_grad_norm(params, parallel_state)
     if max_norm:
         clip_grad_by_total_norm_fp32([p for p in params if p.grad is not None], max_norm, norm)
     return norm

@@ -3,10 +3,10 @@ single-process Hugging Face Llama with RaSA (same base weights via the converter
 
 Checks, on every rank: the adapter init equals HF ``apply_rasa``'s after the same seed; logits (last
 stage, gathered over TP), loss, every adapter gradient (TP shards gathered, pool slices of this
-stage) and three AdamW steps equal the reference; Megatron's gradient norm (``get_grad_norm_fp32``
-over the model-parallel group, TP duplicates dropped by Megatron's ``tensor_model_parallel``
-attribute test, as its optimizers do) equals the reference's global norm; pool collectives per step
-are counted. Prints one ``RESULT {json}`` line on global rank 0. Tolerances (fp32): logits/loss 1e-5,
+stage) and three AdamW steps equal the reference; the global gradient norm as Megatron's optimizers
+take it (the engine's ``global_grad_norm``: TP duplicates dropped by Megatron's
+``tensor_model_parallel`` attribute test, ``get_grad_norm_fp32`` over the model-parallel group)
+equals the reference's; pool collectives per step are counted. Prints one ``RESULT {json}`` line on global rank 0. Tolerances (fp32): logits/loss 1e-5,
 gradients and parameters 1e-5 absolute, gradient norm 1e-5 relative.
 With ``--spec`` the model is built from ``rasa_layer_spec`` instead of adapted after building.
 Usage: torchrun --nproc_per_node N megatron_rasa_gpt_worker.py --tp T --pp P [--vpp V] [--sp] [--spec]
@@ -39,6 +39,7 @@ def main():
     from rasa_megatron import adapter_state_dict
     from rasa_megatron.megatron import finalize_rasa_grads, gather_pipeline_pools, megatron_rasa_units
     from rasa_megatron.megatron.inject import gather_hf_adapter, load_hf_adapter_
+    from rasa_megatron.megatron.trainer import global_grad_norm
 
     tp, pp, vpp = args.tp, args.pp, args.vpp
     parallel_state = init_cpu_megatron(tp, pp, vpp)
@@ -145,7 +146,7 @@ def main():
                 check("loss", got * micro, want, f"loss at step {step}")
         compare_adapter("grad", ref_grads, grads=True)
         want_norm = torch.stack([g.double().pow(2).sum() for g in ref_grads.values()]).sum().sqrt()
-        got_norm = megatron_grad_norm(meg_params, parallel_state)
+        got_norm = global_grad_norm(meg_params, parallel_state)
         check("grad_norm", torch.tensor(got_norm / want_norm.item() - 1.0), torch.tensor(0.0), "gradient norm")
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
@@ -159,18 +160,6 @@ def main():
                                       "adapter_round_trip": round_trip}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def megatron_grad_norm(params: list, parallel_state) -> float:
-    """The global gradient norm as Megatron's optimizers compute it (``MegatronOptimizer.get_grad_norm``
-    minus the optimizer: the same parameter filter and ``get_grad_norm_fp32``)."""
-    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-    from megatron.core.transformer.module import param_is_not_shared
-
-    grads = [p.grad for p in params if p.grad is not None and param_is_not_shared(p)
-             and param_is_not_tensor_parallel_duplicate(p)]
-    return get_grad_norm_fp32(grads, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
 
 
 if __name__ == "__main__":

@@ -40,6 +40,13 @@ def _recipe(workspace, out_dir, ds_config="ds_zero3.json", **sections):
     return write_recipe(workspace, out_dir, ds_config, **sections)
 
 
+def _megatron_recipe(workspace, out_dir, **sections):
+    """:func:`_recipe` with ``engine: megatron``."""
+    path = _recipe(workspace, out_dir, **sections)
+    path.write_text("engine: megatron\n" + path.read_text().replace("engine: deepspeed", ""))
+    return path
+
+
 def _assert_adapters_close(got: dict, want: dict, optimizer: str, peak_lr: float):
     assert set(got) == set(want), f"key mismatch: {sorted(set(got) ^ set(want))[:5]}"
     total = sum(t.numel() for t in want.values())
@@ -274,10 +281,8 @@ def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, l
     out = tmp_path / "run"
     train = {"optimizer": "adamw", "max_steps": 3, **({"max_grad_norm": 0.05} if layout.get("use_distributed_optimizer")
                                                       else {})}
-    recipe_path = _recipe(workspace, out, train=train, megatron=layout,
-                          model={"path": _tiny_checkpoint(workspace, model)}, adapter=adapter)
-    text = recipe_path.read_text().replace("engine: deepspeed", "")
-    recipe_path.write_text("engine: megatron\n" + text)
+    recipe_path = _megatron_recipe(workspace, out, train=train, megatron=layout,
+                                   model={"path": _tiny_checkpoint(workspace, model)}, adapter=adapter)
     launch(recipe_path, nproc)
     recipe = load_recipe(recipe_path)
     assert recipe.engine == "megatron"
@@ -299,10 +304,10 @@ def test_megatron_engine_bf16_tracks_the_fp32_reference(workspace, tmp_path, dis
     from rasa_megatron.recipe import load_recipe
 
     out = tmp_path / "run"
-    recipe_path = _recipe(workspace, out, train={"optimizer": "adamw", "max_steps": 3, "precision": "bf16"},
-                          megatron={"tensor_model_parallel_size": 2, "use_distributed_optimizer": distributed_optimizer},
-                          model={"path": _tiny_checkpoint(workspace, "tiny_llama")})
-    recipe_path.write_text("engine: megatron\n" + recipe_path.read_text().replace("engine: deepspeed", ""))
+    recipe_path = _megatron_recipe(workspace, out, train={"optimizer": "adamw", "max_steps": 3, "precision": "bf16"},
+                                   megatron={"tensor_model_parallel_size": 2,
+                                             "use_distributed_optimizer": distributed_optimizer},
+                                   model={"path": _tiny_checkpoint(workspace, "tiny_llama")})
     launch(recipe_path, 2)
     recipe = load_recipe(recipe_path)
     recipe.train.precision = "fp32"
@@ -324,15 +329,10 @@ def test_megatron_engine_resume_reproduces_uninterrupted_run(workspace, tmp_path
              "megatron": {"pipeline_model_parallel_size": 2, "use_distributed_optimizer": distributed_optimizer},
              "model": {"path": _tiny_checkpoint(workspace, "tiny_llama4")}}
 
-    def megatron_recipe(out):
-        path = _recipe(workspace, out, **extra)
-        path.write_text("engine: megatron\n" + path.read_text().replace("engine: deepspeed", ""))
-        return path
-
     full = tmp_path / "full"
-    launch(megatron_recipe(full), 2)
+    launch(_megatron_recipe(workspace, full, **extra), 2)
     part = tmp_path / "part"
-    recipe = megatron_recipe(part)
+    recipe = _megatron_recipe(workspace, part, **extra)
     launch(recipe, 2, "--stop-after", "2")
     assert len(read_losses(part)) == 2 and (part / "checkpoints" / "latest").read_text() == "step0000002"
     assert not (part / "adapter").exists()
