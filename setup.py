@@ -1,8 +1,10 @@
-"""Build script for rasa-megatron.
+"""Build script for rasa-megatron: a pure-Python package (``rasa_megatron``) with its console scripts.
 
-The CUDA extension in csrc/ is built only when CUDA is available (or RASA_FORCE_BUILD=1);
-RASA_SKIP_CUDA_BUILD=1 skips it. Without it the pure-PyTorch path in rasa_megatron.functional runs.
+Nothing is compiled: ``csrc/`` holds no kernel yet, and every path runs the PyTorch math of
+``rasa_megatron/functional.py``. (``RASA_SKIP_CUDA_BUILD``, set by tools/env.sh, has nothing to skip today.)
 """
+import os
+
 from setuptools import find_packages, setup
 
 CORE_REQUIRES = [
@@ -26,15 +28,23 @@ EXTRAS = {
     "dev": ["pytest>=8", "pytest-timeout"],
 }
 
+CONSOLE_SCRIPTS = [
+    "rasa-train = rasa_megatron.cli.train:main",
+    "rasa-export = rasa_megatron.cli.export:main",
+    "rasa-memory = rasa_megatron.cli.memory:main",
+    "rasa-reconstruction = rasa_megatron.cli.reconstruction:main",
+]
+
 setup(
     name="rasa-megatron",
     version="0.1.0",
     description="RaSA (Rank-Sharing Low-Rank Adaptation) for Hugging Face, DeepSpeed and Megatron-core",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["rasa_megatron", "rasa_megatron.*"]),
     install_requires=CORE_REQUIRES,
     extras_require=EXTRAS,
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from rasa_megatron import LLAMA_LINEARS, RaSAConfig, apply_rasa, export_peft_lora, save_adapter
 from rasa_megatron.models import load_smollm2
 from rasa_megatron.tasks.arithmetic import build_dataset, collate_sft, evaluate_exact_match, tokenize_sft
-from rasa_megatron.train_utils import MetricsLogger, count_parameters, sft_train_step
+from rasa_megatron.training.loop import sft_train_step
+from rasa_megatron.training.metrics import MetricsLogger, count_parameters
 
 METHODS = ("rasa", "lora", "full")
 

@@ -281,3 +281,41 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, base_model_name_
     with _atomic_directory_write(path) as tmp:
         save_file(tensors, tmp / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
         lora_config.save_pretrained(tmp)
+
+
+def assign_adapter_tensors_(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Put ``tensors`` (keys of :func:`adapter_state_dict`) into the adapter of ``model``, which may
+    live on the meta device; names and shapes must match exactly (else ValueError listing them)."""
+    params = adapter_state_dict(model)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model's adapter: missing {missing[:5]} "
+                         f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
+    bad = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(p.shape)}" for k, p in params.items()
+           if tuple(tensors[k].shape) != tuple(p.shape)]
+    if bad:
+        raise ValueError(f"adapter shapes differ: {bad[:5]}")
+    modules = dict(model.named_modules())
+    for key, value in tensors.items():
+        owner, _, name = key.rpartition(".")
+        module = modules[owner]
+        old = getattr(module, name)
+        if old.device.type == "meta":
+            setattr(module, name, nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad))
+        else:
+            with torch.no_grad():
+                old.copy_(value.to(old.dtype))
+    return model
+
+
+def hf_model_with_adapter(config, rasa_config: RaSAConfig, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A meta-device HF model of ``config`` (a transformers config or a directory holding one) whose
+    adapter holds ``tensors`` (:func:`adapter_state_dict` keys): enough for :func:`save_adapter` and
+    :func:`export_peft_lora` without base weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not hasattr(config, "model_type"):
+        config = AutoConfig.from_pretrained(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return assign_adapter_tensors_(apply_rasa(model, rasa_config), tensors)

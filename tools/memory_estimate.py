@@ -1,77 +1,11 @@
-"""Per-GPU memory estimate for RaSA / LoRA / full fine-tuning under DeepSpeed ZeRO (no weights needed).
-
-    python tools/memory_estimate.py --recipe examples/configs/llama3_70b_rasa.yaml
-    python tools/memory_estimate.py --model-config examples/configs/models/mixtral_8x7b.json \\
-        --method lora --r 16 --nodes 8 --gpus-per-node 8 --seq-len 4096 --micro-batch 1
-    python tools/memory_estimate.py --model-config ... --method full --optimizer adamw --compare-deepspeed
-
-Builds the model on the meta device and prints the table of rasa_megatron.memory (model states by
-ZeRO stage and offload, activations with checkpointing) for A100-40GB and -80GB. With
-``--compare-deepspeed`` (full fine-tuning, AdamW) it also prints DeepSpeed's own estimator.
-"""
-from __future__ import annotations
-
-import argparse
+"""``rasa-memory`` from a checkout: per-GPU memory of a recipe or a model config,
+without weights (``rasa_megatron/cli/memory.py``; ``--help``)."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rasa_megatron.recipe import Recipe, RecipeError, load_recipe, validate_recipe  # noqa: E402
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--recipe", help="a recipe YAML (its model, adapter, batch and sequence length)")
-    source.add_argument("--model-config", help="an HF config JSON")
-    parser.add_argument("--method", choices=("rasa", "lora", "full"), default="rasa")
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--k", type=int, default=None)
-    parser.add_argument("--target-modules", default=None, help="comma-separated (default: the 7 Llama linears)")
-    parser.add_argument("--optimizer", choices=("lion", "adamw"), default="lion")
-    parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--global-batch", type=int, default=192)
-    parser.add_argument("--nodes", type=int, default=8)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--compare-deepspeed", action="store_true")
-    args = parser.parse_args(argv)
-    from rasa_megatron.memory import build_meta_model, count_model_params, dry_run_report, model_states_bytes_per_gpu
-
-    try:
-        if args.recipe:
-            recipe = load_recipe(args.recipe)
-        else:
-            from rasa_megatron.recipe import AdapterSection, DataSection, ModelSection, TrainSection
-
-            adapter = AdapterSection(method=args.method, r=args.r, k=args.k)
-            if args.target_modules:
-                adapter.target_modules = args.target_modules.split(",")
-            recipe = Recipe(deepspeed=str(Path(__file__).resolve().parents[1] / "examples/configs/ds_zero3.json"),
-                            model=ModelSection(config=args.model_config),
-                            data=DataSection(seq_len=args.seq_len),
-                            adapter=adapter,
-                            train=TrainSection(global_batch_size=args.global_batch, micro_batch_size=args.micro_batch,
-                                               optimizer=args.optimizer))
-        validate_recipe(recipe, world_size=args.nodes * args.gpus_per_node, require_data=False)
-    except (RecipeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(dry_run_report(recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node))
-    if args.compare_deepspeed:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-        counts = count_model_params(build_meta_model(recipe))
-        num_gpus = args.nodes * args.gpus_per_node
-        _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(counts.total, counts.largest_layer, args.gpus_per_node,
-                                                             args.nodes, cpu_offload=False, cpu_offload_params=False)
-        ours = model_states_bytes_per_gpu(counts, num_gpus, 3, optimizer=recipe.train.optimizer)
-        print(f"ZeRO-3 model states per GPU: DeepSpeed's estimator (all params trained with Adam) "
-              f"{ds_gpu / 2**30:.2f} GiB; this estimate ({recipe.adapter.method}, {recipe.train.optimizer}) "
-              f"{ours / 2**30:.2f} GiB")
-    return 0
-
+from rasa_megatron.cli.memory import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,8 +7,8 @@ Engine).
 
 Without apex or Transformer Engine, Megatron's local spec builds its RMSNorms with
 ``WrappedTorchNorm`` (a ``torch.nn.RMSNorm`` in fp32 whatever ``params_dtype``, refusing sequence
-parallelism); :func:`gpt_block_spec` puts :class:`TorchRMSNorm` in its place. Both keep the
-parameter name ``weight``.
+parallelism); :func:`rasa_megatron.megatron.model.gpt_block_spec` puts :class:`TorchRMSNorm` in its
+place. Both keep the parameter name ``weight``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from .parallel_layers import check_divisible
+from ..parallel_layout import check_divisible
 
 
 def _tensor_parallel_size(pg_collection) -> int:
@@ -119,27 +119,3 @@ class TorchRMSNorm(torch.nn.RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel
-
-
-def gpt_block_spec(config, cpu_attention: bool = True, vp_stage: int | None = None):
-    """TransformerBlockSubmodules for one GPTModel chunk: :func:`gpt_layer_spec` layers and RMSNorms
-    that work under sequence parallelism on CPU."""
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-
-    layer = gpt_layer_spec(cpu_attention, num_experts=config.num_moe_experts)
-    layer.submodules.input_layernorm = TorchRMSNorm
-    layer.submodules.pre_mlp_layernorm = TorchRMSNorm
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
-                                      layer_norm=TorchRMSNorm)
-
-
-def gpt_layer_spec(cpu_attention: bool = True, normalization: str = "RMSNorm", num_experts: int | None = None):
-    """Megatron's local GPT layer spec (RMSNorm for Llama-style models, as ``WrappedTorchNorm`` without
-    apex; a MoE layer with ``SequentialMLP`` experts when ``num_experts``), with the core attention
-    replaced by :class:`TorchDotProductAttention` when ``cpu_attention``."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization=normalization)
-    if cpu_attention:
-        spec.submodules.self_attention.submodules.core_attention = TorchDotProductAttention
-    return spec

@@ -20,8 +20,10 @@ from torch import nn
 
 from ..config import RaSAConfig
 from ..functional import kaiming_init_
-from .parallel_layers import (COLUMN, ROW, RaSAColumnParallelLinear, RaSARowParallelLinear, ShardedRankPool,
-                              ShardedRaSA, as_chunks)
+from .layers import RaSAColumnParallelLinear, RaSARowParallelLinear, ShardedRaSA
+from .pools import ShardedRankPool
+from .sharding import COLUMN, ROW, as_chunks
+
 
 class RaSAPools(nn.ModuleDict):
     """``rasa_pools.<self_attn|mlp>.<hf name>``: the pools of this rank, with dist-checkpoint entries."""
@@ -74,7 +76,7 @@ def transformer_layers(model_chunks) -> dict[int, nn.Module]:
     return found
 
 
-def _hf_types(config: RaSAConfig) -> tuple[list[str], list[str]]:
+def hf_module_types(config: RaSAConfig) -> tuple[list[str], list[str]]:
     """(dense HF module types, stacked-expert HF types) targeted by ``config``, in apply_rasa's order."""
     leaves = {path.rsplit(".", 1)[1]: path for path in MODULE_TYPES}
     unknown = sorted(set(config.target_modules) - set(leaves))
@@ -131,7 +133,7 @@ def draw_adapters(config: RaSAConfig, tconfig, owned_layers, adapter_dtype: torc
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
-    types, expert_types = _hf_types(config)
+    types, expert_types = hf_module_types(config)
     num_layers = tconfig.num_layers
     owned = tuple(sorted(owned_layers))
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -305,7 +307,7 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
     chunks = as_chunks(model_chunks)
     if any(isinstance(m, ShardedRaSA) for c in chunks for m in c.modules()):
         raise ValueError("the model already has RaSA adapters")
-    types, expert_types = _hf_types(config)  # bad targets and layers fail before anything is changed
+    types, expert_types = hf_module_types(config)  # bad targets and layers fail before anything is changed
     layers = transformer_layers(chunks)
     for index, layer in layers.items():
         check_layer_linears(layer, index, types, expert_types)
@@ -344,100 +346,3 @@ def megatron_rasa_units(model_chunks) -> dict[tuple[int, str], ShardedRaSA]:
                 if adapter is not None:
                     units[(index, path, adapter.expert_index)] = adapter
     return units
-
-
-def load_hf_adapter_(model_chunks, hf_adapter: dict[str, torch.Tensor], layers_path: str = "model.layers") -> None:
-    """Copy this rank's slices of a single-process HF RaSA adapter (``adapter_state_dict`` keys:
-    ``model.layers.{i}.self_attn.q_proj.A_private``, ``rasa_pools.self_attn.q_proj.A_shared``, ...) in."""
-    for key, unit in megatron_rasa_units(model_chunks).items():
-        index, path = key[:2]
-        prefix = f"{layers_path}.{index}.{path}"
-        pool = f"rasa_pools.{path}"
-        names = (f"{prefix}.A_private", f"{prefix}.B_private", f"{pool}.A_shared", f"{pool}.B_shared", f"{prefix}.diag")
-        tensors = [hf_adapter.get(name) for name in names]
-        if len(key) == 3:  # stacked expert tensors [E, ...]: this expert's slice
-            tensors = [None if t is None else t[key[2]] for t in tensors]
-        unit.load_full_(*tensors)
-
-
-def _adapter_pieces(model_chunks) -> list[tuple]:
-    """This rank's adapter tensors as ``(hf key, tensor, tp dim or None, tp rank, pool rows or None,
-    layer dim of the rows, expert or None)``."""
-    pieces, seen_pools = [], set()
-    for key, unit in megatron_rasa_units(model_chunks).items():
-        index, path = key[:2]
-        expert = key[2] if len(key) == 3 else None
-        column = unit.parallel == COLUMN
-        prefix = f"model.layers.{index}.{path}"
-        for name, dim in (("A_private", None if column else 1), ("B_private", 0 if column else None), ("diag", None)):
-            tensor = getattr(unit, name)
-            if tensor is not None:
-                pieces.append((f"{prefix}.{name}", tensor.detach().cpu().clone(), dim, unit.tp_rank, None, None, expert))
-        pool = unit.pool
-        if pool is not None and id(pool) not in seen_pools:
-            seen_pools.add(id(pool))
-            rows = pool.owned_rows()
-            pieces.append((f"rasa_pools.{path}.A_shared", pool.A_shared.detach().cpu().clone(),
-                           None if column else 1, pool.tp_rank, rows, 0, expert))
-            pieces.append((f"rasa_pools.{path}.B_shared", pool.B_shared.detach().cpu().clone(),
-                           0 if column else None, pool.tp_rank, rows, 1, expert))
-    return pieces
-
-
-def gather_hf_adapter(model_chunks, dst: int = 0, group=None) -> dict[str, torch.Tensor] | None:
-    """The single-process HF RaSA adapter (``adapter_state_dict`` keys) assembled on rank ``dst`` from
-    every rank's shards: TP shards concatenated, pipeline pool slices placed at their layers' rows,
-    experts stacked ``[E, ...]``. Collective over ``group`` (default: the world); None on other ranks.
-    The inverse of :func:`load_hf_adapter_`; save the result with the HF model via ``load_adapter``-
-    compatible files or export it (PEFT, merged) from a HF model."""
-    import torch.distributed as dist
-
-    pieces = _adapter_pieces(model_chunks)
-    world = dist.get_world_size(group)
-    gathered = [None] * world if dist.get_rank(group) == dst else None
-    dist.gather_object(pieces, gathered, dst=dist.get_global_rank(group, dst) if group is not None else dst,
-                       group=group)
-    if gathered is None:
-        return None
-    by_key: dict[tuple, dict] = {}
-    for rank_pieces in gathered:
-        for key, tensor, dim, tp_rank, rows, layer_dim, expert in rank_pieces:
-            slot = by_key.setdefault((key, expert), {"dim": dim, "layer_dim": layer_dim, "parts": {}})
-            row_id = None if rows is None else tuple(rows.tolist())
-            slot["parts"].setdefault(row_id, {})[tp_rank] = tensor
-    assembled: dict[tuple, torch.Tensor] = {}
-    for (key, expert), slot in by_key.items():
-        blocks = {}
-        for row_id, shards in slot["parts"].items():
-            ranks = sorted(shards)
-            if slot["dim"] is None:
-                blocks[row_id] = shards[ranks[0]]
-            else:
-                if ranks != list(range(len(ranks))):
-                    raise ValueError(f"{key}: tensor-parallel shards {ranks} are incomplete")
-                blocks[row_id] = torch.cat([shards[r] for r in ranks], dim=slot["dim"])
-        if None in blocks:
-            assembled[(key, expert)] = blocks[None]
-            continue
-        layer_dim = slot["layer_dim"]
-        total = sum(len(row_id) for row_id in blocks)
-        shape = list(next(iter(blocks.values())).shape)
-        shape[layer_dim] = total
-        full = torch.full(shape, float("nan"), dtype=next(iter(blocks.values())).dtype)
-        for row_id, block in blocks.items():
-            full.index_copy_(layer_dim, torch.tensor(row_id), block)
-        if torch.isnan(full).any():
-            raise ValueError(f"{key}: pool rows missing from the gathered pipeline slices")
-        assembled[(key, expert)] = full
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[int, torch.Tensor]] = {}
-    for (key, expert), tensor in assembled.items():
-        if expert is None:
-            out[key] = tensor
-        else:
-            experts.setdefault(key, {})[expert] = tensor
-    for key, per_expert in experts.items():
-        if sorted(per_expert) != list(range(len(per_expert))):
-            raise ValueError(f"{key}: experts {sorted(per_expert)} are incomplete")
-        out[key] = torch.stack([per_expert[e] for e in range(len(per_expert))])
-    return out

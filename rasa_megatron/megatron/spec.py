@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import RaSAConfig
-from .inject import (EXPERT_TYPES, MODULE_TYPES, POOLS_ATTR, DrawnAdapters, _hf_types, attach_adapters,
+from .inject import (EXPERT_TYPES, MODULE_TYPES, POOLS_ATTR, DrawnAdapters, hf_module_types, attach_adapters,
                      check_layer_linears, draw_adapters, is_local_linear, not_local_linear_error)
 
 
@@ -153,7 +153,7 @@ def rasa_layer_spec(spec, config: RaSAConfig, seed: int | None = None, adapter_d
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    types, expert_types = _hf_types(config)  # unknown target names fail here, not inside GPTModel's constructor
+    types, expert_types = hf_module_types(config)  # unknown target names fail here, not inside GPTModel's constructor
     seed = torch.initial_seed() if seed is None else int(seed)
     key = (json.dumps(config.to_dict(), sort_keys=True), seed, str(adapter_dtype))
     state = _SPEC_STATES.setdefault(key, RaSASpecState(config, seed, adapter_dtype))

@@ -118,7 +118,7 @@ def tokenize_sft(example: dict, tokenizer, max_length: int = 256) -> dict:
 
 def collate_sft(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of tokenised examples; padding gets label ``-100`` and attention 0."""
-    from ..data import collate
+    from ..training.data import collate
 
     return collate(features, pad_token_id)
 

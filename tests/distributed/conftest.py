@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ds_helpers import TINY_LLAMA, TINY_MIXTRAL  # noqa: E402
+from engine_helpers import TINY_LLAMA, TINY_MIXTRAL  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,9 @@
 import json
 import sys
 
-from rasa_megatron import trainer
-from rasa_megatron.recipe import load_recipe
-from rasa_megatron.zero3 import AllGatherCounter, pool_parameters
+from rasa_megatron.deepspeed import engine as trainer
+from rasa_megatron.training.recipe import load_recipe
+from rasa_megatron.deepspeed.zero3 import AllGatherCounter, pool_parameters
 
 
 def main(recipe_path, out_path, mode):

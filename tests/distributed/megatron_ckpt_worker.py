@@ -39,7 +39,7 @@ def main():
 
     from rasa_megatron import adapter_state_dict
     from rasa_megatron.megatron import gather_pipeline_pools, megatron_rasa_units
-    from rasa_megatron.megatron.inject import load_hf_adapter_
+    from rasa_megatron.megatron.hf_adapter import load_hf_adapter_
 
     parallel_state = init_cpu_megatron(args.tp, args.pp)
     ref = hf_reference()

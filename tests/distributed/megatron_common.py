@@ -52,7 +52,8 @@ def megatron_chunks(ref, parallel_state, tp: int, pp: int, vpp: int = 1, sp: boo
     ``adapter_seed``): put in after building (``apply_rasa_megatron``) or, with ``spec``, built from
     ``rasa_layer_spec`` (a new spec per chunk, as Megatron-LM's model_provider makes them)."""
     from rasa_megatron.megatron import apply_rasa_megatron, freeze_base_parameters, rasa_layer_spec
-    from rasa_megatron.megatron.convert import build_gpt_model, hf_to_megatron, transformer_config_from_hf
+    from rasa_megatron.convert.megatron_weights import hf_to_megatron, transformer_config_from_hf
+    from rasa_megatron.megatron.model import build_gpt_model
 
     tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
     tconfig = transformer_config_from_hf(ref.config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

@@ -39,7 +39,8 @@ def main():
     dist.init_process_group("gloo")
     from megatron.core import parallel_state
 
-    from rasa_megatron.megatron.convert import build_gpt_model, hf_to_megatron, transformer_config_from_hf
+    from rasa_megatron.convert.megatron_weights import hf_to_megatron, transformer_config_from_hf
+    from rasa_megatron.megatron.model import build_gpt_model
     from rasa_megatron.megatron.cpu_compat import enable_cpu_megatron
 
     # Test shim (CPU-only torch), the one the Megatron trainer uses on CPU: Megatron's RotaryEmbedding

@@ -31,8 +31,9 @@ def main():
 
     from rasa_megatron import RaSAConfig, adapter_state_dict, apply_rasa
     from rasa_megatron.megatron import apply_rasa_megatron, freeze_base_parameters, megatron_rasa_units, rasa_layer_spec
-    from rasa_megatron.megatron.convert import build_gpt_model, hf_to_megatron, transformer_config_from_hf
-    from rasa_megatron.megatron.inject import gather_hf_adapter, load_hf_adapter_
+    from rasa_megatron.convert.megatron_weights import hf_to_megatron, transformer_config_from_hf
+    from rasa_megatron.megatron.model import build_gpt_model
+    from rasa_megatron.megatron.hf_adapter import gather_hf_adapter, load_hf_adapter_
 
     hf_config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,

@@ -38,8 +38,8 @@ def main():
     args = parser.parse_args()
     from rasa_megatron import adapter_state_dict
     from rasa_megatron.megatron import finalize_rasa_grads, gather_pipeline_pools, megatron_rasa_units
-    from rasa_megatron.megatron.inject import gather_hf_adapter, load_hf_adapter_
-    from rasa_megatron.megatron.trainer import global_grad_norm
+    from rasa_megatron.megatron.hf_adapter import gather_hf_adapter, load_hf_adapter_
+    from rasa_megatron.megatron.grads import global_grad_norm
 
     tp, pp, vpp = args.tp, args.pp, args.vpp
     parallel_state = init_cpu_megatron(tp, pp, vpp)

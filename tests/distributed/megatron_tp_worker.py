@@ -8,7 +8,6 @@ Usage: torchrun --nproc_per_node 2 megatron_tp_worker.py [--sequence-parallel] [
 """
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -29,7 +28,7 @@ def main():
     from rasa_megatron import RaSAConfig, adapter_state_dict, apply_rasa, rasa_layers
     from rasa_megatron.megatron import (RaSAColumnParallelLinear, RaSARowParallelLinear, ShardedRankPool, ShardedRaSA,
                                         finalize_rasa_grads)
-    from rasa_megatron.megatron.parallel_layers import COLUMN, ROW
+    from rasa_megatron.megatron.sharding import COLUMN, ROW
 
     tp = dist.get_world_size()
     rank = dist.get_rank()

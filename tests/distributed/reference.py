@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from rasa_megatron import adapter_state_dict
-from rasa_megatron.data import collate, global_batch_plan, load_raw_dataset, tokenize_dataset
-from rasa_megatron.recipe import Recipe
-from rasa_megatron.trainer import build_model, cosine_with_warmup, load_tokenizer
+from rasa_megatron.training.data import collate, global_batch_plan, load_raw_dataset, load_tokenizer, tokenize_dataset
+from rasa_megatron.training.model import build_hf_model
+from rasa_megatron.training.optim import cosine_with_warmup
+from rasa_megatron.training.recipe import Recipe
 
 
 def reference_run(recipe: Recipe, steps: int) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
@@ -27,7 +28,7 @@ def reference_run(recipe: Recipe, steps: int) -> tuple[list[float], dict[str, to
     t = recipe.train
     steps_per_epoch = len(dataset) // t.global_batch_size
     total = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
-    model = build_model(recipe, ds_config=None)
+    model = build_hf_model(recipe)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if t.optimizer == "lion":

@@ -6,7 +6,7 @@ from lion_pytorch import Lion
 from rasa_megatron import RaSAConfig, apply_rasa, rasa_layers
 from rasa_megatron.models import load_smollm2
 from rasa_megatron.tasks.arithmetic import build_dataset, collate_sft, evaluate_exact_match, tokenize_sft
-from rasa_megatron.train_utils import sft_train_step
+from rasa_megatron.training.loop import sft_train_step
 
 pytestmark = pytest.mark.slow
 

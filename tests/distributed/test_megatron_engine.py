@@ -1,0 +1,132 @@
+"""The Megatron engine (``engine: megatron`` in examples/pretrain_rasa.py) on 2-4 CPU processes (gloo)
+against the same single-process plain-PyTorch reference as the DeepSpeed engine (tests/distributed/
+reference.py): TP, PP x VPP, EP and MoE layouts, Megatron's distributed optimizer, bf16, resume.
+
+Tolerances (fp32, AdamW): losses and gradient norms within rel 1e-5, adapters within abs 1e-5.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_helpers import (assert_adapters_close, launch, make_megatron_recipe, read_losses, read_metric,  # noqa: E402
+                            tiny_checkpoint)
+
+pytestmark = pytest.mark.slow
+
+
+MOE_ADAPTER = {"target_modules": ["q_proj", "v_proj"],
+               "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+
+
+DISTRIBUTED_OPTIMIZER = {"use_distributed_optimizer": True}
+
+
+@pytest.mark.parametrize("layout,model,adapter,nproc", [
+    ({"tensor_model_parallel_size": 2}, "tiny_llama", {}, 2),
+    ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, "tiny_llama4", {}, 2),
+    ({"expert_model_parallel_size": 2}, "tiny_mixtral", MOE_ADAPTER, 2),
+    ({"pipeline_model_parallel_size": 2}, "tiny_mixtral", MOE_ADAPTER, 2),
+    ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, "tiny_mixtral", MOE_ADAPTER, 2),
+    ({"tensor_model_parallel_size": 2, **DISTRIBUTED_OPTIMIZER}, "tiny_llama", {}, 2),
+    ({"pipeline_model_parallel_size": 2, **DISTRIBUTED_OPTIMIZER}, "tiny_llama4", {}, 4),
+    ({"expert_model_parallel_size": 2, **DISTRIBUTED_OPTIMIZER}, "tiny_mixtral", MOE_ADAPTER, 2),
+    ({"tensor_model_parallel_size": 2, "sequence_parallel": True, **DISTRIBUTED_OPTIMIZER}, "tiny_mixtral",
+     MOE_ADAPTER, 2)],
+    ids=["tp2", "pp2_vpp2", "ep2_dp2", "moe_pp2", "moe_tp2_sp", "tp2_distopt", "pp2_dp2_distopt", "ep2_dp2_distopt",
+         "moe_tp2_sp_distopt"])
+def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, layout, model, adapter, nproc):
+    """`examples/pretrain_rasa.py` with `engine: megatron` (Megatron's own pipeline schedule and DDP,
+    CPU compatibility redirections only) on 2 processes vs the same single-process HF reference as the
+    DeepSpeed runs: AdamW, 3 steps, losses rel 1e-5 and the saved adapter within 1e-5. ep2_dp2: tiny
+    Mixtral, experts split over 2 expert-parallel ranks that are also 2 data-parallel ranks (different
+    micro-batches): DDP averages the attention adapters over both and leaves each expert's adapters on
+    its rank (``allreduce = False``). moe_pp2: the expert pools sharded over 2 pipeline stages;
+    moe_tp2_sp: attention tensor-parallel with sequence parallelism, experts whole on each TP rank
+    (expert TP 1). ``*_distopt``: Megatron's distributed optimizer (``get_megatron_optimizer``; its
+    own global-norm clipping, engaged by max_grad_norm 0.05) instead of torch AdamW: pp2_dp2 on 4
+    processes shards the AdamW states of each stage's adapters (pool slices included) over 2
+    data-parallel ranks; ep2_dp2 chains a dense and an expert distributed optimizer."""
+    from reference import reference_run
+
+    from rasa_megatron.training.recipe import load_recipe
+
+    out = tmp_path / "run"
+    train = {"optimizer": "adamw", "max_steps": 3, **({"max_grad_norm": 0.05} if layout.get("use_distributed_optimizer")
+                                                      else {})}
+    recipe_path = make_megatron_recipe(workspace, out, train=train, megatron=layout,
+                                   model={"path": tiny_checkpoint(workspace, model)}, adapter=adapter)
+    launch(recipe_path, nproc)
+    recipe = load_recipe(recipe_path)
+    assert recipe.engine == "megatron"
+    ref_losses, ref_adapter, ref_norms = reference_run(recipe, 3)
+    np.testing.assert_allclose(read_losses(out), ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(read_metric(out, "grad_norm"), ref_norms, rtol=1e-5)
+    assert_adapters_close(load_file(out / "adapter" / "rasa_adapter.safetensors"), ref_adapter, "adamw", recipe.train.lr)
+    assert (out / "peft_adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["torch_adamw", "distopt"])
+def test_megatron_engine_bf16_tracks_the_fp32_reference(workspace, tmp_path, distributed_optimizer):
+    """precision: bf16 (the production recipes' setting) at TP2: bf16 base weights and
+    activations, fp32 adapters, fp32 gradient buffers and optimizer (torch AdamW or Megatron's
+    distributed optimizer): the run completes and its losses and gradient norms stay within bf16
+    distance (rel 1e-4 / 1e-2) of the fp32 single-process reference; the saved adapter is fp32."""
+    from reference import reference_run
+
+    from rasa_megatron.training.recipe import load_recipe
+
+    out = tmp_path / "run"
+    recipe_path = make_megatron_recipe(workspace, out, train={"optimizer": "adamw", "max_steps": 3, "precision": "bf16"},
+                                   megatron={"tensor_model_parallel_size": 2,
+                                             "use_distributed_optimizer": distributed_optimizer},
+                                   model={"path": tiny_checkpoint(workspace, "tiny_llama")})
+    launch(recipe_path, 2)
+    recipe = load_recipe(recipe_path)
+    recipe.train.precision = "fp32"
+    ref_losses, _, ref_norms = reference_run(recipe, 3)
+    np.testing.assert_allclose(read_losses(out), ref_losses, rtol=1e-4)  # measured 5e-6: the loss is ~ln(vocab)
+    np.testing.assert_allclose(read_metric(out, "grad_norm"), ref_norms, rtol=1e-2)  # measured 1.8e-3
+    adapter = load_file(out / "adapter" / "rasa_adapter.safetensors")
+    assert all(t.dtype == torch.float32 for t in adapter.values())
+
+
+@pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["torch_adamw", "distopt"])
+def test_megatron_engine_resume_reproduces_uninterrupted_run(workspace, tmp_path, distributed_optimizer):
+    """engine: megatron at PP2 (1F1B over 2 stages, pipeline-sharded pools): stop after step 2 of 4
+    (checkpoint: per-rank adapter shards, optimizer, scheduler, RNG), resume with --resume: steps 3-4
+    and the final adapter equal the uninterrupted run (adapter dropout on, so the RNG restore
+    matters; rel 1e-6 / abs 1e-6). ``distopt``: the state saved is that of the torch AdamW inside
+    Megatron's distributed optimizer. Resuming on another layout is refused, naming the difference."""
+    extra = {"adapter": {"dropout": 0.1}, "train": {"optimizer": "adamw", "max_steps": 4},
+             "megatron": {"pipeline_model_parallel_size": 2, "use_distributed_optimizer": distributed_optimizer},
+             "model": {"path": tiny_checkpoint(workspace, "tiny_llama4")}}
+
+    full = tmp_path / "full"
+    launch(make_megatron_recipe(workspace, full, **extra), 2)
+    part = tmp_path / "part"
+    recipe = make_megatron_recipe(workspace, part, **extra)
+    launch(recipe, 2, "--stop-after", "2")
+    assert len(read_losses(part)) == 2 and (part / "checkpoints" / "latest").read_text() == "step0000002"
+    assert not (part / "adapter").exists()
+    launch(recipe, 2, "--resume")
+    np.testing.assert_allclose(read_losses(part), read_losses(full), rtol=1e-6)
+    a = load_file(full / "adapter" / "rasa_adapter.safetensors")
+    b = load_file(part / "adapter" / "rasa_adapter.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    from rasa_megatron.megatron.checkpoint import check_resume_layout
+
+    saved = json.loads((part / "checkpoints" / "step0000002" / "layout.json").read_text())
+    assert saved["pipeline_model_parallel_size"] == 2 and saved["world_size"] == 2
+    assert saved["use_distributed_optimizer"] is distributed_optimizer
+    with pytest.raises(SystemExit, match=f"use_distributed_optimizer {distributed_optimizer} -> {not distributed_optimizer}"):
+        check_resume_layout(saved, {**saved, "use_distributed_optimizer": not distributed_optimizer})
+    with pytest.raises(SystemExit, match=r"pipeline_model_parallel_size 2 -> 1, tensor_model_parallel_size 1 -> 2"
+                                         r"|tensor_model_parallel_size 1 -> 2, pipeline_model_parallel_size 2 -> 1"):
+        check_resume_layout(saved, {**saved, "pipeline_model_parallel_size": 1, "tensor_model_parallel_size": 2})
