@@ -26,7 +26,7 @@ from torch import nn
 
 from .functional import initial_diag, kaiming_init_, rasa_delta, rasa_linear
 from .layers import MergeableUpdate
-from .pool import RankPool
+from .pool import RankPool, init_on_cpu_then_move_
 
 EXPERT_WEIGHT_NAMES = ("gate_up_proj", "down_proj")
 
@@ -90,17 +90,14 @@ class RaSAExpertWeights(MergeableUpdate, nn.Module):
         self.alpha = alpha
         self.layer_index = layer_index
         self.merged = False
-        device = getattr(experts, weight_name).device
         if private_rank:
-            self.A_private = nn.Parameter(torch.empty(num_experts, private_rank, in_features, dtype=dtype,
-                                                      device=device))
-            self.B_private = nn.Parameter(torch.empty(num_experts, out_features, private_rank, dtype=dtype,
-                                                      device=device))
+            self.A_private = nn.Parameter(torch.empty(num_experts, private_rank, in_features, dtype=dtype))
+            self.B_private = nn.Parameter(torch.empty(num_experts, out_features, private_rank, dtype=dtype))
         else:
             self.A_private = self.B_private = None
-        self.diag = nn.Parameter(torch.empty(num_experts, self.effective_rank, dtype=dtype, device=device))
+        self.diag = nn.Parameter(torch.empty(num_experts, self.effective_rank, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.reset_parameters()
+        init_on_cpu_then_move_(self, getattr(experts, weight_name).device)
 
     @property
     def effective_rank(self) -> int:

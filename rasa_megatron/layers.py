@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .functional import initial_diag, kaiming_init_, rasa_delta, rasa_linear
-from .pool import RankPool
+from .pool import RankPool, init_on_cpu_then_move_
 
 
 class MergeableUpdate:
@@ -72,18 +72,17 @@ class RaSALinear(MergeableUpdate, nn.Module):
         self.alpha = alpha
         self.layer_index = layer_index
         self.merged = False
-        device = base_layer.weight.device
         # The pool is owned by the model's `rasa_pools`; keep an unregistered reference here so it
         # is stored and optimised once, not once per layer.
         object.__setattr__(self, "pool", pool)
         if private_rank:
-            self.A_private = nn.Parameter(torch.empty(private_rank, self.in_features, dtype=dtype, device=device))
-            self.B_private = nn.Parameter(torch.empty(self.out_features, private_rank, dtype=dtype, device=device))
+            self.A_private = nn.Parameter(torch.empty(private_rank, self.in_features, dtype=dtype))
+            self.B_private = nn.Parameter(torch.empty(self.out_features, private_rank, dtype=dtype))
         else:
             self.A_private = self.B_private = None
-        self.diag = nn.Parameter(torch.empty(private_rank + self.pool_rank, dtype=dtype, device=device))
+        self.diag = nn.Parameter(torch.empty(private_rank + self.pool_rank, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.reset_parameters()
+        init_on_cpu_then_move_(self, base_layer.weight.device)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -7,6 +7,25 @@ from torch import nn
 from .functional import kaiming_init_
 
 
+def init_on_cpu_then_move_(module: nn.Module, device) -> None:
+    """``module.reset_parameters()`` on its own parameters while they are on the CPU (drawn from the
+    CPU generator), then those parameters moved to ``device``: the same seed gives the same adapter
+    whatever device the base model lives on (a GPU under ZeRO-3's ``zero.Init``), as the Megatron path,
+    which draws full-size tensors on the CPU, does. On the meta device (dry runs: no values) nothing
+    is drawn."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "meta":
+        for name, param in module._parameters.items():
+            if param is not None:
+                module._parameters[name] = nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
+        return
+    module.reset_parameters()
+    if device.type != "cpu":
+        for name, param in module._parameters.items():
+            if param is not None:
+                module._parameters[name] = nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
+
+
 class RankPool(nn.Module):
     """The pool of ``L*k`` ranks that every layer of one module type (e.g. all ``q_proj``) uses.
 
@@ -34,9 +53,9 @@ class RankPool(nn.Module):
         self.num_layers = num_layers
         self.num_experts = num_experts
         lead = (num_experts,) if num_experts else ()
-        self.A_shared = nn.Parameter(torch.empty(*lead, pool_rank, in_features, dtype=dtype, device=device))
-        self.B_shared = nn.Parameter(torch.empty(*lead, out_features, pool_rank, dtype=dtype, device=device))
-        self.reset_parameters()
+        self.A_shared = nn.Parameter(torch.empty(*lead, pool_rank, in_features, dtype=dtype))
+        self.B_shared = nn.Parameter(torch.empty(*lead, out_features, pool_rank, dtype=dtype))
+        init_on_cpu_then_move_(self, device)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -1,5 +1,5 @@
 """Shared fixtures: tiny randomly initialised Hugging Face causal LMs of the supported families, and a
-single-process Megatron world."""
+single-process Megatron world (CPU stand-ins of rasa_megatron.megatron.cpu_compat, RNG tracker seeded)."""
 import socket
 
 import pytest
@@ -64,10 +64,12 @@ def megatron_world():
         port = sock.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
-    with pytest.MonkeyPatch.context() as patch:
-        # Test shim (CPU-only torch): Megatron's RotaryEmbedding.get_emb moves its inverse
-        # frequencies to torch.cuda.current_device() on the first forward.
-        patch.setattr(torch.cuda, "current_device", lambda: "cpu")
-        yield parallel_state
+    from megatron.core import tensor_parallel
+
+    from rasa_megatron.megatron.cpu_compat import enable_cpu_megatron
+
+    enable_cpu_megatron()  # CPU-only torch: Megatron's CUDA device and generator references -> CPU
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)  # the RNG tracker, as a GPU run seeds it
+    yield parallel_state
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..parallel_layout import check_divisible
+
 
 class _StackedExperts:
     """Lazy ``[E, ...]`` view of one layer's experts in a Mixtral checkpoint as saved on disk (one
@@ -31,6 +33,7 @@ class SafetensorsCheckpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.bytes_read = 0
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             self.where = json.loads(index.read_text())["weight_map"]
@@ -63,15 +66,35 @@ class SafetensorsCheckpoint:
         return key in self.where or self._on_disk(key) is not None
 
     def __getitem__(self, key: str):
+        return self.read(key)
+
+    def read(self, key: str, dim: int | None = None, part: int = 0, parts: int = 1):
+        """Tensor ``key``, or only its ``part``-th of ``parts`` contiguous chunks along ``dim``
+        (safetensors' ``get_slice``: the other chunks are never read). An in-memory Mixtral expert key
+        gives a :class:`_StackedExperts` when read whole. Adds what it read to ``bytes_read``."""
         from safetensors import safe_open
 
         if key not in self.where:
             source = self._on_disk(key)
             if source is None:
                 raise KeyError(f"{key} not in the checkpoint {self.path}")
-            return source if isinstance(source, _StackedExperts) else self[source]
+            if isinstance(source, _StackedExperts):  # stored one tensor per expert: parts = experts
+                if dim not in (None, 0):
+                    raise ValueError(f"{key} is stored per expert; it can be read whole or by expert (dim 0)")
+                return source if dim is None else source[part].unsqueeze(0)
+            return self.read(source, dim, part, parts)
         with safe_open(self.path / self.where[key], "pt") as handle:
-            return handle.get_tensor(key)
+            if dim is None:
+                tensor = handle.get_tensor(key)
+            else:
+                view = handle.get_slice(key)
+                length = view.get_shape()[dim]
+                size = check_divisible(length, parts, f"dim {dim} of {key}", "the number of parts")
+                index = [slice(None)] * len(view.get_shape())
+                index[dim] = slice(part * size, (part + 1) * size)
+                tensor = view[tuple(index)]
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
 
     def get(self, key, default=None):
         return self[key] if key in self else default

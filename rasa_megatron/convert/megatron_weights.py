@@ -120,12 +120,15 @@ def _qkv_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) ->
                      dim=1).reshape(-1, hidden)
 
 
-def hf_to_megatron(hf_state: dict, hf_config, tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1,
+def hf_to_megatron(hf_state, hf_config, tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1,
                    vp_stage: int = 0, vpp_size: int = 1, ep_rank: int = 0, ep_size: int = 1) -> dict[str, torch.Tensor]:
     """The base-weight state dict of the Megatron GPTModel chunk on (tp_rank, pp_rank, vp_stage) and,
     for Mixtral-style MoE (expert tensor parallel size 1), expert-parallel rank ``ep_rank``: its
     ``E / ep_size`` local experts ``mlp.experts.local_experts.{j}`` hold HF experts
-    ``ep_rank E / ep_size + j`` (``linear_fc1 = gate_up_proj[e]`` ``[2I, H]``, ``linear_fc2 = down_proj[e]``)."""
+    ``ep_rank E / ep_size + j`` (``linear_fc1 = gate_up_proj[e]`` ``[2I, H]``, ``linear_fc2 = down_proj[e]``).
+
+    ``hf_state``: a dict of HF tensors, or a :class:`~rasa_megatron.convert.hf_checkpoint.SafetensorsCheckpoint`
+    of which only this rank's slices are read (``get_slice``: TP shards, local experts)."""
     check_parallel_sizes(hf_config, tp_size, pp_size, vpp_size)
     for name, rank, size in (("tp_rank", tp_rank, tp_size), ("pp_rank", pp_rank, pp_size),
                              ("vp_stage", vp_stage, vpp_size), ("ep_rank", ep_rank, ep_size)):
@@ -142,37 +145,51 @@ def hf_to_megatron(hf_state: dict, hf_config, tp_rank: int, tp_size: int, pp_ran
     first_chunk = pp_rank == 0 and vp_stage == 0
     tied = bool(hf_config.tie_word_embeddings)
 
-    def shard(t, dim):
-        return t.chunk(tp_size, dim=dim)[tp_rank].clone()
+    def shard(key, dim):  # this TP rank's part only: a checkpoint reader reads nothing else
+        return _read(hf_state, key, dim, tp_rank, tp_size)
+
+    def whole(key):
+        return _read(hf_state, key)
 
     out = {}
     if first_chunk:
-        out["embedding.word_embeddings.weight"] = shard(hf_state["model.embed_tokens.weight"], 0)
+        out["embedding.word_embeddings.weight"] = shard("model.embed_tokens.weight", 0)
     for local, index in enumerate(stage_layers(hf_config.num_hidden_layers, pp_rank, pp_size, vp_stage, vpp_size)):
         src, dst = HF_LAYER.format(index), f"decoder.layers.{local}."
-        qkv = _qkv_full(hf_state[src + "self_attn.q_proj.weight"], hf_state[src + "self_attn.k_proj.weight"],
-                        hf_state[src + "self_attn.v_proj.weight"], groups)
-        out[dst + "input_layernorm.weight"] = hf_state[src + "input_layernorm.weight"].clone()
-        out[dst + "self_attention.linear_qkv.weight"] = shard(qkv, 0)
-        out[dst + "self_attention.linear_proj.weight"] = shard(hf_state[src + "self_attn.o_proj.weight"], 1)
-        out[dst + "pre_mlp_layernorm.weight"] = hf_state[src + "post_attention_layernorm.weight"].clone()
+        # rank t holds query groups [t g/tp, (t+1) g/tp): contiguous rows of q, k and v alike
+        out[dst + "self_attention.linear_qkv.weight"] = _qkv_full(
+            shard(src + "self_attn.q_proj.weight", 0), shard(src + "self_attn.k_proj.weight", 0),
+            shard(src + "self_attn.v_proj.weight", 0), groups // tp_size)
+        out[dst + "input_layernorm.weight"] = whole(src + "input_layernorm.weight")
+        out[dst + "self_attention.linear_proj.weight"] = shard(src + "self_attn.o_proj.weight", 1)
+        out[dst + "pre_mlp_layernorm.weight"] = whole(src + "post_attention_layernorm.weight")
         if num_experts:
-            out[dst + "mlp.router.weight"] = hf_state[src + "mlp.gate.weight"].clone()
+            out[dst + "mlp.router.weight"] = whole(src + "mlp.gate.weight")
             for j in range(local_experts):
                 e = ep_rank * local_experts + j
                 expert = dst + f"mlp.experts.local_experts.{j}."
-                out[expert + "linear_fc1.weight"] = hf_state[src + "mlp.experts.gate_up_proj"][e].clone()
-                out[expert + "linear_fc2.weight"] = hf_state[src + "mlp.experts.down_proj"][e].clone()
+                out[expert + "linear_fc1.weight"] = _read(hf_state, src + "mlp.experts.gate_up_proj", 0, e, num_experts)[0]
+                out[expert + "linear_fc2.weight"] = _read(hf_state, src + "mlp.experts.down_proj", 0, e, num_experts)[0]
             continue
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat([shard(hf_state[src + "mlp.gate_proj.weight"], 0),
-                                                        shard(hf_state[src + "mlp.up_proj.weight"], 0)])
-        out[dst + "mlp.linear_fc2.weight"] = shard(hf_state[src + "mlp.down_proj.weight"], 1)
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([shard(src + "mlp.gate_proj.weight", 0),
+                                                        shard(src + "mlp.up_proj.weight", 0)])
+        out[dst + "mlp.linear_fc2.weight"] = shard(src + "mlp.down_proj.weight", 1)
     if last_chunk:
-        out["decoder.final_layernorm.weight"] = hf_state["model.norm.weight"].clone()
+        out["decoder.final_layernorm.weight"] = whole("model.norm.weight")
         if not (tied and first_chunk):  # tied on one stage: the output layer reads the embedding
-            head = hf_state["model.embed_tokens.weight"] if tied else hf_state["lm_head.weight"]
-            out["output_layer.weight"] = shard(head, 0)  # tied across stages: Megatron's last-stage copy
+            # tied across stages: Megatron's last-stage copy
+            out["output_layer.weight"] = shard("model.embed_tokens.weight" if tied else "lm_head.weight", 0)
     return out
+
+
+def _read(hf_state, key: str, dim: int | None = None, part: int = 0, parts: int = 1) -> torch.Tensor:
+    """``hf_state[key]``, or its ``part``-th of ``parts`` chunks along ``dim``, as a tensor of its own.
+    A checkpoint reader (:class:`~rasa_megatron.convert.hf_checkpoint.SafetensorsCheckpoint`) reads only
+    that chunk from disk; a plain dict of tensors is sliced."""
+    if hasattr(hf_state, "read"):
+        return hf_state.read(key, dim, part, parts).contiguous()
+    tensor = hf_state[key]
+    return (tensor if dim is None else tensor.chunk(parts, dim=dim)[part]).clone()
 
 
 def megatron_to_hf(states: dict[tuple, dict], hf_config) -> dict[str, torch.Tensor]:

@@ -140,8 +140,9 @@ def setup(recipe: Recipe, dist_backend: str | None = None, resident_pools: bool 
     scheduler = None if optimizer is None else lr_scheduler(optimizer, data.total_steps, recipe.train.warmup_ratio)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config)
-    if scheduler is None:
-        scheduler = lr_scheduler(optimizer, data.total_steps, recipe.train.warmup_ratio)
+    if scheduler is None:  # DeepSpeed built the optimizer (fused / CPU Adam or Lion): schedule its torch optimizer
+        # (DeepSpeed's ZeRO wrapper is not a torch.optim.Optimizer; its param_groups are the inner one's)
+        scheduler = lr_scheduler(getattr(optimizer, "optimizer", optimizer), data.total_steps, recipe.train.warmup_ratio)
         engine.lr_scheduler = scheduler
     if recipe.rasa_config() is not None:
         keep_pools_resident(engine, persistent=resident_pools)
@@ -234,13 +235,12 @@ def train_step(state: TrainState, global_batch) -> StepResult:
         engine.step()
         loss_sum += loss.detach().double()
     dist.all_reduce(loss_sum)
-    return StepResult(loss_sum.item() / (state.grad_accum * world_size), _global_grad_norm(engine), lr)
-
-
-def _global_grad_norm(engine) -> float:
-    """The step's global gradient norm before clipping, as DeepSpeed computed it (NaN when it did not)."""
+    # the global gradient norm before clipping, as DeepSpeed computed it: a device tensor under ZeRO-3,
+    # a float or None (not computed) otherwise; read back with the loss in the step's one host sync
     norm = engine.get_global_grad_norm()
-    return float("nan") if norm is None else float(norm)
+    values = torch.stack([loss_sum, norm.detach().to(loss_sum)] if torch.is_tensor(norm) else [loss_sum]).tolist()
+    grad_norm = values[1] if torch.is_tensor(norm) else float("nan") if norm is None else float(norm)
+    return StepResult(values[0] / (state.grad_accum * world_size), grad_norm, lr)
 
 
 def train(state: TrainState, start_step: int = 0, stop_step: int | None = None, progress: bool = True) -> list[dict]:

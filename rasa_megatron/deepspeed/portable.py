@@ -35,7 +35,12 @@ def optimizer_state_keys(engine) -> list[str]:
 
 
 def _create_optimizer_states(engine, keys: list[str], step) -> None:
-    """Zero optimizer state on DeepSpeed's flat fp32 partitions (what the optimizer steps on)."""
+    """Zero optimizer state on DeepSpeed's flat fp32 partitions (what the optimizer steps on), with a
+    step counter in the form the optimizer keeps it.
+
+    A pre-created state must be complete: DeepSpeed's FusedAdam / FusedLion and DeepSpeedCPUAdam /
+    CPU Lion create ``state['step']`` only for an empty state and then do ``state['step'] += 1``
+    (a Python int, handed to their kernels); torch's Adam/AdamW keep a tensor."""
     inner = _inner_optimizer(engine)
     for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
         flats = getattr(engine.optimizer, attr, None)
@@ -43,12 +48,13 @@ def _create_optimizer_states(engine, keys: list[str], step) -> None:
             break
     else:
         flats = [p for group in inner.param_groups for p in group["params"]]
+    step = int(step or 0)
+    tensor_step = isinstance(inner, torch.optim.Optimizer) and type(inner).__module__.startswith("torch.optim")
     for flat in flats:
         state = inner.state[flat]
         for key in keys:
             state.setdefault(key, torch.zeros_like(flat))
-        if step is not None and isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            state.setdefault("step", torch.tensor(float(step)))
+        state.setdefault("step", torch.tensor(float(step)) if tensor_step else step)
 
 
 def save_portable_state(engine, directory: str | os.PathLike, meta: dict) -> None:
@@ -130,5 +136,5 @@ def load_portable_state(engine, directory: str | os.PathLike) -> dict:
         for state in _inner_optimizer(engine).state.values():
             if "step" in state:
                 state["step"] = (torch.full_like(state["step"], meta["optimizer_step"]) if torch.is_tensor(state["step"])
-                                 else meta["optimizer_step"])
+                                 else int(meta["optimizer_step"]))  # DeepSpeed's kernels take an int step
     return meta

@@ -42,13 +42,17 @@ def adapter_parameters(chunks: list) -> dict[str, torch.nn.Parameter]:
 
 def save_checkpoint(recipe, step: int, chunks: list, optimizers: list, schedulers: list, parallel_state) -> Path:
     """Every rank writes its adapter shards, its torch optimizers' states (with Megatron's distributed
-    optimizer: this rank's shards), the schedulers' states and RNG (atomically: temporary file, then
-    rename); after all ranks wrote, rank 0 writes ``layout.json``, the recipe and then ``latest``."""
+    optimizer: this rank's shards), the schedulers' states and RNG (the generators and Megatron's
+    tracker states: dropout streams continue exactly) atomically: temporary file, then rename; after
+    all ranks wrote, rank 0 writes ``layout.json``, the recipe and then ``latest``."""
     root = checkpoint_root(recipe.output.dir)
     tag_dir = root / step_tag(step)
     tag_dir.mkdir(parents=True, exist_ok=True)
+    from megatron.core import tensor_parallel
+
+    rng = {**rng_state(), "megatron_tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     state = {"step": step, "optimizers": [o.state_dict() for o in optimizers],
-             "schedulers": [s.state_dict() for s in schedulers], "rng": rng_state(),
+             "schedulers": [s.state_dict() for s in schedulers], "rng": rng,
              "adapter": {name: p.detach().cpu() for name, p in adapter_parameters(chunks).items()}}
     atomic_torch_save(state, tag_dir / f"rank{dist.get_rank():05d}.pt")
     dist.barrier()
@@ -92,4 +96,7 @@ def load_checkpoint(recipe, path: Path, chunks: list, optimizers: list, schedule
     for scheduler, saved in zip(schedulers, state["schedulers"]):
         scheduler.load_state_dict(saved)
     set_rng_state(state["rng"])
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng"]["megatron_tracker"])
     return int(state["step"])

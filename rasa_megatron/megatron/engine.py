@@ -46,11 +46,18 @@ from .model import build_gpt_model
 from .pools import gather_pipeline_pools
 
 
+def padded_length(features: list[dict], multiple: int) -> int:
+    """The longest sample of a micro-batch, rounded up to ``multiple`` (the TP size under sequence
+    parallelism, whose sequence is split over the TP ranks)."""
+    longest = max(len(f["input_ids"]) for f in features)
+    return -(-longest // multiple) * multiple
+
+
 def _pad_micro_batch(features: list[dict], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Fixed-length right padding (Megatron's p2p needs one activation shape). The dataset's labels
-    are HF-style (aligned with the inputs, shifted inside the HF loss); Megatron's GPTModel scores
-    position ``t`` against ``labels[t]``, so they are shifted here: ``labels[t] = hf_labels[t + 1]``,
-    and ``loss_mask`` marks the positions whose next token has a label."""
+    """Right padding to ``seq_len`` (:func:`padded_length`). The dataset's labels are HF-style (aligned
+    with the inputs, shifted inside the HF loss); Megatron's GPTModel scores position ``t`` against
+    ``labels[t]``, so they are shifted here: ``labels[t] = hf_labels[t + 1]``, and ``loss_mask``
+    marks the positions whose next token has a label."""
     batch = len(features)
     input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
     labels = torch.zeros((batch, seq_len), dtype=torch.long)
@@ -76,6 +83,17 @@ def _forward_step(data_iterator, model):
         return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
 
     return per_token, loss_func
+
+
+def seed_dropout_streams(seed: int) -> None:
+    """Seed the device generator (dropout in data-parallel regions: the column adapters, whose input is
+    the same on every TP rank) and Megatron's RNG tracker states (``model-parallel-rng``: differs per
+    TP rank, for the row adapters' input shards and attention dropout; ``expert-parallel-rng``), with
+    a different seed per pipeline stage (``seed + 100 * pp_rank``, as Megatron-LM), so stages do not
+    repeat each other's masks. On a CPU-only torch the device generator is the CPU one (cpu_compat)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
 
 
 def build_optimizer(recipe: Recipe, ddp_chunks: list, params: list):
@@ -112,18 +130,20 @@ def build_chunks(recipe: Recipe, hf_config, parallel_state, cuda: bool):
     tconfig = transformer_config_from_hf(hf_config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                          sequence_parallel=mg.sequence_parallel, params_dtype=dtype,
                                          bf16=dtype == torch.bfloat16,
+                                         # base weights come from the checkpoint: no random init to overwrite
+                                         perform_initialization=recipe.model.path is None,
                                          **({"expert_model_parallel_size": ep, "expert_tensor_parallel_size": 1}
                                             if moe else {}),
                                          **({"virtual_pipeline_model_parallel_size": vpp} if vpp > 1 else {}))
-    if t.gradient_checkpointing and cuda:
+    if t.gradient_checkpointing:  # Megatron's full recompute of every layer (re-entrant CheckpointFunction)
         tconfig.recompute_granularity, tconfig.recompute_method, tconfig.recompute_num_layers = "full", "uniform", 1
     seed_everything(t.seed)
     base = SafetensorsCheckpoint(recipe.model.path) if recipe.model.path else None
     chunks = []
     for v in range(vpp):
         model = build_gpt_model(tconfig, hf_config, pre_process=pp_rank == 0 and v == 0,
-                                post_process=pp_rank == pp - 1 and v == vpp - 1, cpu_attention=not cuda,
-                                vp_stage=v if vpp > 1 else None)
+                                post_process=pp_rank == pp - 1 and v == vpp - 1,
+                                sdpa_attention=mg.attention == "sdpa", vp_stage=v if vpp > 1 else None)
         if base is not None:
             state = hf_to_megatron(base, hf_config, tp_rank, tp, pp_rank, pp, v, vpp, ep_rank=ep_rank, ep_size=ep)
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -158,13 +178,16 @@ def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike 
         raise ValueError("engine: megatron resumes on the layout that wrote the checkpoint (portable resumes are "
                          "engine: deepspeed's)")
     cuda = torch.cuda.is_available()
+    if recipe.megatron.attention == "local" and not cuda:
+        raise SystemExit("error: megatron.attention: local is Megatron's DotProductAttention, which needs CUDA; "
+                         "on this machine use megatron.attention: sdpa")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         enable_cpu_megatron()
-    mg, t, d = recipe.megatron, recipe.train, recipe.data
+    mg, t = recipe.megatron, recipe.train
     vpp = mg.virtual_pipeline_model_parallel_size
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=mg.tensor_model_parallel_size,
                                              pipeline_model_parallel_size=mg.pipeline_model_parallel_size,
@@ -175,6 +198,7 @@ def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike 
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     hf_config = AutoConfig.from_pretrained(recipe.model.path or recipe.model.config)
     chunks, tconfig = build_chunks(recipe, hf_config, parallel_state, cuda)
+    pad_multiple = mg.tensor_model_parallel_size if mg.sequence_parallel else 1
     # Megatron's DDP over the adapter parameters (fp32 grad buffers; no overlap: check_megatron_ddp)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=mg.use_distributed_optimizer)
@@ -189,6 +213,7 @@ def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike 
     data = prepare_training_data(recipe, tokenizer, dist.get_rank(), barrier=dist.barrier)
     schedulers = [lr_scheduler(o, data.total_steps, t.warmup_ratio) for o in torch_optimizers]
     forward_backward = get_forward_backward_func()
+    seed_dropout_streams(t.seed)  # after the adapter init, which draws from the CPU generator on every layout
     start = 0
     if resume is not None:
         start = load_checkpoint(recipe, checkpoint_root(recipe.output.dir) if resume == "latest" else Path(resume),
@@ -196,8 +221,12 @@ def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike 
     stop = data.total_steps if stop_step is None else min(data.total_steps, stop_step)
 
     def step_fn(step, global_batch) -> StepResult:
-        micro = micro_batches_for_rank(global_batch, t.micro_batch_size, dp_rank, dp_size)
-        batches = [_pad_micro_batch(data.samples(indices), d.seq_len, tokenizer.pad_token_id) for indices in micro]
+        micro = [data.samples(indices) for indices in micro_batches_for_rank(global_batch, t.micro_batch_size,
+                                                                               dp_rank, dp_size)]
+        lengths = [padded_length(features, pad_multiple) for features in micro]
+        if mg.pipeline_model_parallel_size > 1:  # one activation shape for the step's p2p, known to every stage
+            lengths = [max(lengths)] * len(lengths)
+        batches = [_pad_micro_batch(features, length, tokenizer.pad_token_id) for features, length in zip(micro, lengths)]
         if cuda:
             batches = [{k: v.cuda() for k, v in b.items()} for b in batches]
         for chunk in ddp_chunks:
@@ -206,7 +235,7 @@ def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike 
         iterators = [iter(batches) for _ in chunks] if vpp > 1 else iter(batches)
         losses = forward_backward(forward_step_func=_forward_step, data_iterator=iterators,
                                   model=ddp_chunks if vpp > 1 else ddp_chunks[0], num_microbatches=len(batches),
-                                  seq_length=d.seq_len, micro_batch_size=t.micro_batch_size, forward_only=False)
+                                  seq_length=max(lengths), micro_batch_size=t.micro_batch_size, forward_only=False)
         lr = torch_optimizers[0].param_groups[0]["lr"]
         if mg.use_distributed_optimizer:  # Megatron's step: clip by its global norm, step the shards, gather
             _, norm, _ = optimizer.step()

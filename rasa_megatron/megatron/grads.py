@@ -84,6 +84,9 @@ def finalize_model_grads_with_rasa(model, *args, **kwargs):
     return finalize_model_grads(model, *args, **kwargs)
 
 
+finalize_model_grads_with_rasa.finalizes_rasa_grads = True  # what the layers' check_gradient_finalisation looks for
+
+
 def global_grad_norm(params: list, parallel_state) -> float:
     """Global L2 norm of ``params``' gradients as Megatron's optimizers take it: its parameter filter
     (shared and TP-duplicate parameters dropped by their attributes) and ``get_grad_norm_fp32``, dense

@@ -51,19 +51,39 @@ def _adapter_pieces(model_chunks) -> list[tuple]:
     return pieces
 
 
-def gather_hf_adapter(model_chunks, dst: int = 0, group=None) -> dict[str, torch.Tensor] | None:
+def pieces_to_send(model_chunks) -> list[tuple]:
+    """This rank's share of the adapter for :func:`gather_hf_adapter`: its dense pieces when it is on
+    data-parallel rank 0 (every other data-parallel replica holds the same values), its expert pieces
+    when it is on expert-data-parallel rank 0 (the replica of its experts that is sent)."""
+    from megatron.core import parallel_state
+
+    dense = parallel_state.get_data_parallel_rank() == 0
+    expert = parallel_state.get_expert_data_parallel_rank() == 0
+    return [piece for piece in _adapter_pieces(model_chunks) if (dense if piece[6] is None else expert)]
+
+
+def gather_hf_adapter(model_chunks, dst: int = 0) -> dict[str, torch.Tensor] | None:
     """The single-process HF RaSA adapter (``adapter_state_dict`` keys) assembled on rank ``dst`` from
-    every rank's shards: TP shards concatenated, pipeline pool slices placed at their layers' rows,
-    experts stacked ``[E, ...]``. Collective over ``group`` (default: the world); None on other ranks.
-    The inverse of :func:`load_hf_adapter_`; save the result with the HF model via ``load_adapter``-
-    compatible files or export it (PEFT, merged) from a HF model."""
+    the shards: TP shards concatenated, pipeline pool slices placed at their layers' rows, experts
+    stacked ``[E, ...]``. Collective over the world (every rank calls it); None on other ranks.
+
+    Only the ranks of :func:`pieces_to_send` send (the model-parallel group of data-parallel rank 0,
+    plus the expert-parallel ranks of expert-data-parallel rank 0), over a gloo group: the pickled
+    shards travel through host memory, never staged on a GPU. The inverse of
+    :func:`load_hf_adapter_`; save the result with the HF model via ``load_adapter``-compatible
+    files or export it (PEFT, merged) from a HF model."""
     import torch.distributed as dist
 
-    pieces = _adapter_pieces(model_chunks)
-    world = dist.get_world_size(group)
-    gathered = [None] * world if dist.get_rank(group) == dst else None
-    dist.gather_object(pieces, gathered, dst=dist.get_global_rank(group, dst) if group is not None else dst,
-                       group=group)
+    pieces = pieces_to_send(model_chunks)
+    senders = [None] * dist.get_world_size()
+    dist.all_gather_object(senders, bool(pieces) or dist.get_rank() == dst)
+    ranks = [rank for rank, sends in enumerate(senders) if sends]
+    group = dist.new_group(ranks, backend="gloo")  # collective over the world, as new_group must be
+    if dist.get_rank() not in ranks:
+        return None
+    gathered = [None] * len(ranks) if dist.get_rank() == dst else None
+    dist.gather_object(pieces, gathered, dst=dst, group=group)
+    dist.destroy_process_group(group)
     if gathered is None:
         return None
     by_key: dict[tuple, dict] = {}

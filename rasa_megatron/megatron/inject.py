@@ -277,10 +277,29 @@ def check_layer_linears(layer: nn.Module, index: int, types: list[str], expert_t
                 check(getattr(expert_mlp, EXPERT_TYPES[path][0]), f"layer {index} expert {EXPERT_TYPES[path][0]}")
 
 
+def _embedding_output_requires_grad(module, inputs, output):
+    return output.requires_grad_(True) if not output.requires_grad else output
+
+
+def make_decoder_input_require_grad(model_chunks) -> None:
+    """Make the frozen embedding's output require grad (a forward hook, once per chunk that has one).
+
+    With the embedding frozen, the hidden states entering the first decoder layer of pipeline stage 0
+    do not require grad; Megatron's re-entrant activation checkpointing (``CheckpointFunction``, a
+    ``torch.autograd.Function``) then returns outputs without ``grad_fn`` and the checkpointed layers'
+    adapters would get no gradient (PEFT's ``enable_input_require_grads`` for the same reason)."""
+    for chunk in as_chunks(model_chunks):
+        embedding = getattr(chunk, "embedding", None)
+        if embedding is not None and not getattr(embedding, "_rasa_output_requires_grad", False):
+            embedding.register_forward_hook(_embedding_output_requires_grad)
+            embedding._rasa_output_requires_grad = True
+
+
 def freeze_base_parameters(model_chunks) -> None:
     """Freeze every parameter of the model chunks except the RaSA adapters and pools (for models
     built from :func:`rasa_megatron.megatron.rasa_layer_spec`, whose embedding, final norm and
-    output layer GPTModel builds outside the layer spec)."""
+    output layer GPTModel builds outside the layer spec), and let activation checkpointing see the
+    frozen embedding's output as requiring grad (:func:`make_decoder_input_require_grad`)."""
     chunks = as_chunks(model_chunks)
     rasa = {id(p) for chunk in chunks for m in chunk.modules() if isinstance(m, (ShardedRaSA, ShardedRankPool))
             for p in m.parameters()}
@@ -288,6 +307,7 @@ def freeze_base_parameters(model_chunks) -> None:
         for param in chunk.parameters():
             if id(param) not in rasa:
                 param.requires_grad_(False)
+    make_decoder_input_require_grad(chunks)
 
 
 def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.dtype = torch.float32,
@@ -314,6 +334,7 @@ def apply_rasa_megatron(model_chunks, config: RaSAConfig, adapter_dtype: torch.d
     for chunk in chunks:
         for param in chunk.parameters():
             param.requires_grad_(False)
+    make_decoder_input_require_grad(chunks)
     drawn = draw_adapters(config, chunks[0].config, layers, adapter_dtype, generator)
     for index, layer in layers.items():
         attach_adapters(layer, index, drawn)

@@ -105,6 +105,39 @@ class ShardedRaSA(MergeableUpdate, nn.Module):
     def effective_rank(self) -> int:
         return self.private_rank + self.pool_rank
 
+    @property
+    def dropout_active(self) -> bool:
+        return isinstance(self.dropout, nn.Dropout) and self.dropout.training and self.dropout.p > 0
+
+    def check_gradient_finalisation(self, config) -> None:
+        """Refuse to train when RaSA's once-per-step reductions would not run: with TP > 1 (partial
+        gradients of replicated factors) or a pipeline-sharded pool, ``config.finalize_model_grads_func``
+        must be :func:`~rasa_megatron.megatron.grads.finalize_model_grads_with_rasa` (or a function marked
+        ``finalizes_rasa_grads = True``), or unset when the loop calls ``finalize_rasa_grads`` itself.
+        Megatron's own ``finalize_model_grads`` (what Megatron-LM's ``train()`` installs) would leave the
+        TP copies of replicated factors to drift apart and the pool's gradient unreduced."""
+        finalize = getattr(config, "finalize_model_grads_func", None)
+        needs = self.tp_size > 1 or (self.pool is not None and not self.pool.is_whole)
+        if needs and finalize is not None and not getattr(finalize, "finalizes_rasa_grads", False):
+            raise RuntimeError(
+                f"RaSA at tensor-parallel size {self.tp_size}" + (" with a pipeline-sharded pool" if self.pool is not None
+                                                                   and not self.pool.is_whole else "")
+                + f" needs its gradient reductions, but config.finalize_model_grads_func is {finalize!r}: set it to "
+                "rasa_megatron.megatron.finalize_model_grads_with_rasa (Megatron-LM's train() installs Megatron's own "
+                "finalize_model_grads; set ours after it) or train with rasa-train's engine: megatron")
+
+    def drop_shard(self, x_shard: torch.Tensor) -> torch.Tensor:
+        """Dropout on this TP rank's input shard ``[..., in/tp]`` (row layers): with TP > 1 the mask is
+        drawn from Megatron's ``model-parallel-rng`` tracker state, which differs per TP rank, so the
+        shards of one input get independent masks (the default generator is the same on every TP
+        rank and would repeat one mask on every shard); at TP 1 from the default generator, as HF does."""
+        if not self.dropout_active or self.tp_size == 1:
+            return self.dropout(x_shard)
+        from megatron.core import tensor_parallel
+
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return self.dropout(x_shard)
+
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         if self.A_private is not None:
@@ -230,14 +263,25 @@ class RaSAColumnParallelLinear(nn.Module):
         return fused.reshape(*lead, -1)
 
     def adapter_output(self, total_input: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Fused local adapter output ``[..., rows]`` from the total input ``[..., in]``."""
+        """Fused local adapter output ``[..., rows]`` from the total input ``[..., in]``.
+
+        Without active dropout the A-sides of all adapters read the same input: one GEMM. With it,
+        each adapter draws its own mask, in HF module order (q, k, v; gate, up), as a HF model's
+        separate linears do; the total input is the same on every TP rank, and so is the default
+        generator's state, so every TP rank drops the same elements (the shards stay one function)."""
         names = list(self.adapters)
         active = [self.adapters[n] for n in names]
         factors = [a.factors() for a in active]
-        x = active[0].dropout(total_input).to(active[0].diag.dtype)
+        dtype = active[0].diag.dtype
+        outputs = {}
+        if any(a.dropout_active for a in active):
+            for name, adapter, (A, B) in zip(names, active, factors):
+                outputs[name] = rasa_linear(adapter.dropout(total_input).to(dtype), None, None, A, B, adapter.diag)
+            return self.combine(outputs, like.to(dtype))
+        x = total_input.to(dtype)
         A_all = torch.cat([A for A, _ in factors], dim=0) if len(factors) > 1 else factors[0][0]
         h_all = F.linear(x, A_all)  # one GEMM for the A-sides of all adapters sharing this input
-        outputs, start = {}, 0
+        start = 0
         for name, adapter, (A, B) in zip(names, active, factors):
             h = h_all[..., start:start + A.shape[0]]
             start += A.shape[0]
@@ -261,6 +305,8 @@ class RaSAColumnParallelLinear(nn.Module):
 
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
         base, maps = self.base_layer, _megatron_mappings()
+        if self.training and torch.is_grad_enabled():
+            next(iter(self.adapters.values())).check_gradient_finalisation(base.config)
         if getattr(base, "explicit_expert_comm", False):  # MoE expert: the token dispatcher communicates
             total = input_
         elif base.sequence_parallel:
@@ -300,11 +346,13 @@ class RaSARowParallelLinear(nn.Module):
 
     def forward(self, input_: torch.Tensor):
         base, maps = self.base_layer, _megatron_mappings()
+        if self.training and torch.is_grad_enabled():
+            self.adapter.check_gradient_finalisation(base.config)
         x = input_ if base.input_is_parallel else maps.scatter_to_tensor_model_parallel_region(input_, group=base.tp_group)
         partial = F.linear(x, base.weight)
         adapter = self.adapter
         if not adapter.merged:  # x_shard A_shardᵀ is a partial sum over TP ranks, and so is this output
-            adapter_input = adapter.dropout(x).to(adapter.diag.dtype)
+            adapter_input = adapter.drop_shard(x).to(adapter.diag.dtype)
             partial = partial + rasa_linear(adapter_input, *adapter.local_factors()).to(partial.dtype)
         if getattr(base, "explicit_expert_comm", False):  # MoE expert: the token dispatcher reduces
             output = partial

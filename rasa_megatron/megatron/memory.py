@@ -12,7 +12,8 @@ def megatron_memory_row(model, recipe) -> dict:
     Frozen bf16 weights (2 bytes): dense ones split over TP x PP, stacked experts over EP x PP
     (expert TP is 1). Adapters (fp32 value, fp32 ``main_grad`` of Megatron's DDP, optimizer moments:
     12 bytes with Lion, 16 with AdamW) counted as if replicated over TP (an upper bound: B of column
-    and A of row layers are split). Activations with activation checkpointing at every layer and
+    and A of row layers are split). Activations (SDPA attention: no ``s^2`` term; Megatron's local
+    attention adds :func:`attention_score_bytes`) with activation checkpointing at every layer and
     1F1B: the first stage keeps the checkpointed layer inputs of PP micro-batches in flight (``2 s b h``
     for each of its ``L / PP`` layers, ``PP`` times = ``L`` layers' worth), divided by TP under
     sequence parallelism; the recomputed layer ``34 s b h / TP``; logits ``6 s b V / TP`` (the last
@@ -37,9 +38,22 @@ def megatron_memory_row(model, recipe) -> dict:
     h, layers = config.hidden_size, config.num_hidden_layers
     kept = 2 * tokens * h * (layers if t.gradient_checkpointing else 17 * layers)
     activations = (kept / (tp if mg.sequence_parallel else 1) + 34 * tokens * h / tp
-                   + 6 * tokens * config.vocab_size / tp)
+                   + 6 * tokens * config.vocab_size / tp + attention_score_bytes(recipe, config))
     layout = f"Megatron TP{tp} x PP{pp}" + (f" x EP{ep}" if ep > 1 else "") + (" + SP" if mg.sequence_parallel else "")
     return memory_row(layout, states, activations)
+
+
+def attention_score_bytes(recipe, config) -> float:
+    """The ``s^2`` tensors of Megatron's unfused ``DotProductAttention`` (``megatron.attention: local``):
+    scores, softmax and dropout mask, ``5 a s^2 b`` bytes per layer over TP (Korthikanti et al. 2022),
+    for the one recomputed layer (all ``L`` with 1F1B's in-flight micro-batches without recompute).
+    The SDPA core attention (``sdpa``, the default) hands causal attention to flash / memory-efficient
+    kernels and keeps none: 0."""
+    mg, t = recipe.megatron, recipe.train
+    if mg.attention != "local":
+        return 0.0
+    per_layer = 5 * config.num_attention_heads * recipe.data.seq_len ** 2 * t.micro_batch_size
+    return per_layer / mg.tensor_model_parallel_size * (1 if t.gradient_checkpointing else config.num_hidden_layers)
 
 
 def memory_rows(model, recipe, num_gpus: int) -> list[dict]:

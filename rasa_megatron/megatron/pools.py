@@ -65,6 +65,7 @@ class ShardedRankPool(nn.Module):
         else:
             mark_tp_sharded(self.A_shared, dim=1)
         self.full_A = self.full_B = None
+        self._gathered_versions = None
         self.reset_parameters(generator)
 
     @property
@@ -99,6 +100,10 @@ class ShardedRankPool(nn.Module):
         if self.full_A is None:
             raise RuntimeError("the pipeline-sharded pool is not gathered: call gather_pipeline_pools(model) "
                                "once per optimizer step before the first forward")
+        if self._gathered_versions != (self.A_shared._version, self.B_shared._version):
+            raise RuntimeError("the gathered pipeline pool is stale: its slices changed (an optimizer step) "
+                               "after gather_pipeline_pools without finalize_model_grads_with_rasa; use it as "
+                               "config.finalize_model_grads_func and gather once per step")
         return self.full_A, self.full_B
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
@@ -201,6 +206,7 @@ def gather_pipeline_pools(model, pp_group=None) -> int:
                 full_B.index_copy_(1, rows, B)
     for pool, (full_A, full_B) in zip(pools, fulls):
         pool.full_A, pool.full_B = full_A.requires_grad_(True), full_B.requires_grad_(True)
+        pool._gathered_versions = (pool.A_shared._version, pool.B_shared._version)
     return 1
 
 

@@ -15,8 +15,9 @@ def compute_dtype(recipe: Recipe) -> torch.dtype:
 
 def build_hf_model(recipe: Recipe):
     """HF causal LM from ``model.path`` (weights) or ``model.config`` (random init) in the recipe's
-    precision, with the recipe's adapter (drawn after ``seed_everything(seed + 1)``, so every rank and
-    engine starts from the same adapter) and gradient checkpointing when the recipe asks for it.
+    precision, with the recipe's adapter in fp32 (drawn after ``seed_everything(seed + 1)``, so every
+    rank and engine starts from the same adapter; fp32 so that a pool's gradient, a sum over all L
+    layers, is not accumulated in bf16) and gradient checkpointing when the recipe asks for it.
     Under an active ``transformers.integrations.HfDeepSpeedConfig`` the weights are built by
     ``zero.Init`` (ZeRO-3 partitioned)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -31,9 +32,9 @@ def build_hf_model(recipe: Recipe):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(m.config), dtype=dtype)
     model.config.use_cache = False
     rasa_config = recipe.rasa_config()
-    if rasa_config is not None:
+    if rasa_config is not None:  # fp32 adapter on a bf16 base (PEFT's autocast_adapter_dtype, the Megatron path)
         seed_everything(recipe.train.seed + ADAPTER_SEED_OFFSET)
-        apply_rasa(model, rasa_config, adapter_dtype=dtype)
+        apply_rasa(model, rasa_config, adapter_dtype=torch.float32)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -22,6 +22,7 @@ METHODS = ("rasa", "lora", "full")
 DATA_MODES = ("pretrain", "sft")
 PRECISIONS = ("bf16", "fp32")
 ENGINES = ("deepspeed", "megatron")
+MEGATRON_ATTENTIONS = ("sdpa", "local")
 
 
 class RecipeError(ValueError):
@@ -107,7 +108,9 @@ class MegatronSection:
     """Parallel layout for ``engine: megatron`` (data parallel = world / (tensor x pipeline)). Expert
     parallelism (MoE) splits the experts over ``expert_model_parallel_size`` of the data-parallel ranks.
     ``use_distributed_optimizer``: Megatron's distributed optimizer (AdamW states and the step sharded
-    over data-parallel ranks) instead of a replicated torch optimizer; needs ``train.optimizer: adamw``."""
+    over data-parallel ranks) instead of a replicated torch optimizer; needs ``train.optimizer: adamw``.
+    ``attention``: ``sdpa`` (torch's scaled_dot_product_attention: flash / memory-efficient kernels, no
+    ``s^2`` score tensors) or ``local`` (Megatron's unfused ``DotProductAttention``)."""
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -115,6 +118,7 @@ class MegatronSection:
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    attention: str = "sdpa"
 
 
 @dataclass
@@ -346,6 +350,8 @@ def _validate_megatron(recipe: Recipe, world_size: int) -> int:
     for name in ("sequence_parallel", "use_distributed_optimizer"):
         if not isinstance(getattr(mg, name), bool):
             raise RecipeError(f"megatron.{name} must be true or false, got {getattr(mg, name)!r}")
+    if mg.attention not in MEGATRON_ATTENTIONS:
+        raise RecipeError(f"megatron.attention={mg.attention!r}; valid: {list(MEGATRON_ATTENTIONS)}")
     if mg.use_distributed_optimizer and recipe.train.optimizer != "adamw":
         raise RecipeError(f"megatron.use_distributed_optimizer: true needs train.optimizer: adamw (Megatron's "
                           f"distributed optimizer is Adam/AdamW or SGD), got {recipe.train.optimizer!r}")

@@ -38,8 +38,9 @@ def write_recipe(workspace: Path, out_dir: Path, ds_config: str = "ds_zero3.json
     return path
 
 
-def launch(recipe: Path, nproc: int, *extra: str, launcher: str = "torchrun", timeout: int = 600):
-    """Run examples/pretrain_rasa.py on ``nproc`` CPU processes (gloo) and return the CompletedProcess."""
+def launch(recipe: Path, nproc: int, *extra: str, launcher: str = "torchrun", timeout: int = 600, check: bool = True):
+    """Run examples/pretrain_rasa.py on ``nproc`` CPU processes (gloo) and return the CompletedProcess
+    (``check``: raise when it fails)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     bindir = Path(sys.executable).parent
@@ -49,7 +50,7 @@ def launch(recipe: Path, nproc: int, *extra: str, launcher: str = "torchrun", ti
         cmd = [str(bindir / "deepspeed"), f"--num_gpus={nproc}", "--master_port", str(_free_port()), str(SCRIPT)]
     proc = subprocess.run(cmd + ["--config", str(recipe), *extra], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=ROOT)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
 

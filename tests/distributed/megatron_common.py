@@ -19,6 +19,9 @@ def init_cpu_megatron(tp: int, pp: int, vpp: int = 1, **parallel):
     enable_cpu_megatron()  # CPU-only torch: Megatron's CUDA device references -> CPU (documented there)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None, **parallel)
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)  # Megatron's RNG tracker, as a GPU run seeds it
     return parallel_state
 
 

@@ -52,6 +52,9 @@ def main():
 
     tp = dist.get_world_size()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)  # Megatron's RNG tracker, as a GPU run seeds it
     rank, group = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_group()
     worst, local_vocab = {}, None
     for tied, sequence_parallel in itertools.product((False, True), (False, True)):

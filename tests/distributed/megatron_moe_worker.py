@@ -33,7 +33,7 @@ def main():
     from rasa_megatron.megatron import apply_rasa_megatron, freeze_base_parameters, megatron_rasa_units, rasa_layer_spec
     from rasa_megatron.convert.megatron_weights import hf_to_megatron, transformer_config_from_hf
     from rasa_megatron.megatron.model import build_gpt_model
-    from rasa_megatron.megatron.hf_adapter import gather_hf_adapter, load_hf_adapter_
+    from rasa_megatron.megatron.hf_adapter import gather_hf_adapter, load_hf_adapter_, pieces_to_send
 
     hf_config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
@@ -93,6 +93,9 @@ def main():
     compare("init", init_adapter, grads=False)
     load_hf_adapter_([model], {key: p.detach() for key, p in adapter_state_dict(hf).items()})
     assembled = gather_hf_adapter([model])  # Megatron -> HF adapter, experts stacked again
+    sent = pieces_to_send([model])  # what this rank contributed: (dense, expert) piece counts
+    sent_by_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(sent_by_rank, [sum(p[6] is None for p in sent), sum(p[6] is not None for p in sent)])
     round_trip = None
     if assembled is not None:
         reference = adapter_state_dict(hf)
@@ -133,7 +136,7 @@ def main():
     if rank == 0:
         print("RESULT " + json.dumps({"ep": ep, "worst": worst, "units": len(units),
                                       "expert_units": sum(len(k) == 3 for k in units),
-                                      "adapter_round_trip": round_trip}), flush=True)
+                                      "adapter_round_trip": round_trip, "pieces_sent": sent_by_rank}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -17,9 +17,11 @@ from rasa_megatron.training.optim import cosine_with_warmup
 from rasa_megatron.training.recipe import Recipe
 
 
-def reference_run(recipe: Recipe, steps: int) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
+def reference_run(recipe: Recipe, steps: int, dropout_seed: int | None = None
+                  ) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
     """Losses per global step, the final adapter tensors (fp32) and the global gradient norm (before
-    clipping) per step."""
+    clipping) per step. ``dropout_seed``: reseed torch after building the model (the Megatron engine
+    seeds its dropout streams after the adapter init), so both draw the same dropout masks."""
     from lion_pytorch import Lion
 
     tokenizer = load_tokenizer(recipe)
@@ -30,6 +32,8 @@ def reference_run(recipe: Recipe, steps: int) -> tuple[list[float], dict[str, to
     total = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     model = build_hf_model(recipe)
     model.train()
+    if dropout_seed is not None:
+        torch.manual_seed(dropout_seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if t.optimizer == "lion":
         optimizer = Lion(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)

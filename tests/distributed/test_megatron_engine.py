@@ -71,6 +71,31 @@ def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, l
     assert (out / "peft_adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_megatron_engine_with_dropout_and_recompute_draws_the_hf_models_masks(workspace, tmp_path):
+    """One process, adapter dropout 0.1, activation recompute (Megatron's CheckpointFunction with the
+    RNG tracker seeded; the frozen embedding's output made to require grad), micro-batch 1 (Megatron's
+    [s, b, h] and HF's [b, s, h] then lay the masks out alike), each micro-batch padded to its own
+    length: every adapter draws its mask in HF module order from the same generator state as the HF
+    reference (reseeded after its init as the engine seeds its dropout streams), so losses and the
+    adapter equal the reference (rel 1e-5 / abs 1e-5). Without recompute support or with one mask
+    shared by q/k/v this fails."""
+    from reference import reference_run
+
+    from rasa_megatron.training.recipe import load_recipe
+
+    out = tmp_path / "run"
+    recipe_path = make_megatron_recipe(workspace, out, adapter={"dropout": 0.1},
+                                       train={"optimizer": "adamw", "max_steps": 2, "micro_batch_size": 1,
+                                              "gradient_checkpointing": True})
+    launch(recipe_path, 1)
+    recipe = load_recipe(recipe_path)
+    ref_losses, ref_adapter, ref_norms = reference_run(recipe, 2, dropout_seed=recipe.train.seed)
+    np.testing.assert_allclose(read_losses(out), ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(read_metric(out, "grad_norm"), ref_norms, rtol=1e-5)
+    assert_adapters_close(load_file(out / "adapter" / "rasa_adapter.safetensors"), ref_adapter, "adamw",
+                          recipe.train.lr)
+
+
 @pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["torch_adamw", "distopt"])
 def test_megatron_engine_bf16_tracks_the_fp32_reference(workspace, tmp_path, distributed_optimizer):
     """precision: bf16 (the production recipes' setting) at TP2: bf16 base weights and
@@ -130,3 +155,16 @@ def test_megatron_engine_resume_reproduces_uninterrupted_run(workspace, tmp_path
     with pytest.raises(SystemExit, match=r"pipeline_model_parallel_size 2 -> 1, tensor_model_parallel_size 1 -> 2"
                                          r"|tensor_model_parallel_size 1 -> 2, pipeline_model_parallel_size 2 -> 1"):
         check_resume_layout(saved, {**saved, "pipeline_model_parallel_size": 1, "tensor_model_parallel_size": 2})
+
+
+@pytest.mark.parametrize("max_steps", [None, 3], ids=["epochs", "max_steps"])
+def test_megatron_engine_refuses_a_data_set_smaller_than_one_global_batch(workspace, tmp_path, max_steps):
+    """64 samples and a global batch of 128: the engine stops before any step with a message naming both
+    numbers, non-zero, and writes no adapter (it used to save an untrained adapter and exit 0, or divide
+    by zero with max_steps)."""
+    out = tmp_path / "run"
+    recipe = make_megatron_recipe(workspace, out, train={"global_batch_size": 128, "max_steps": max_steps})
+    proc = launch(recipe, 1, check=False)
+    assert proc.returncode != 0
+    assert "64 training samples is fewer than one global batch (128)" in proc.stdout + proc.stderr
+    assert not (out / "adapter").exists() and not (out / "metrics.csv").exists()

@@ -108,12 +108,16 @@ def test_megatron_moe_expert_parallel_rasa_equals_hf_mixtral_rasa(inject):
     expert's fc1/fc2 vs HF Mixtral with RaSA on gate_up_proj/down_proj: the same pool grouping (one
     pool per expert index across layers), so the init after the same seed is identical; logits, loss
     and all adapter gradients within 1e-5; each rank holds only its 2 experts' adapters. RaSA put in
-    after building or through rasa_layer_spec."""
+    after building or through rasa_layer_spec. The adapter gather sends the dense pieces from
+    data-parallel rank 0 only (rank 1 is a data-parallel replica) and the experts from both."""
     result = run_worker("megatron_moe_worker.py", 2, *(["--spec"] if inject == "spec" else []))
     assert result["worst"]["init"] == 0.0
     assert all(v <= 1e-5 for v in result["worst"].values()), result["worst"]
     assert result["expert_units"] == 2 * 2 * 2  # layers x local experts x (fc1, fc2)
     assert result["adapter_round_trip"] == 0.0
+    # the gather takes the dense adapter from data-parallel rank 0 only, each expert from its one owner
+    (dense_0, experts_0), (dense_1, experts_1) = result["pieces_sent"]
+    assert dense_0 > 0 and dense_1 == 0 and experts_0 == experts_1 > 0
 
 
 def test_tensor_parallel_gpt_model_gives_hf_llama_logits():
@@ -124,3 +128,35 @@ def test_tensor_parallel_gpt_model_gives_hf_llama_logits():
     assert result["local_vocab"] == 96 // 2  # each rank held half the vocabulary
     assert set(result["worst"]) == {"untied", "tied", "untied_sp", "tied_sp"}
     assert all(v <= 1e-5 for v in result["worst"].values()), result["worst"]
+
+
+def test_adapter_dropout_masks_are_independent_per_module_tp_shard_and_stage():
+    """Adapter dropout (p = 0.5) at TP2 x PP2 after the engine's seeding, one training-mode forward:
+    q/k/v and gate/up of a layer draw their own masks (as a HF model's separate linears do: ~half of the
+    elements disagree); a column adapter drops the same elements of its total input on both TP ranks
+    (disagreement 0); a row adapter's input shards get independent masks per TP rank (Megatron's
+    model-parallel-rng tracker state) and the two pipeline stages independent ones (seed + 100 x stage):
+    ~half disagree. Bounds: 0.5 +- 0.13, five binomial standard deviations for the smallest mask
+    (384 elements); every drop fraction within 0.5 +- 0.1."""
+    result = run_worker("megatron_dropout_worker.py", 4)
+    assert result["p"] == 0.5 and len(result["drop_fraction"]) == 2 * 2 * 2 * 7  # TP x PP x 2 layers x 7
+    assert all(abs(f - 0.5) <= 0.1 for f in result["drop_fraction"]), result["drop_fraction"]
+    assert result["column_across_tp"] and all(d == 0.0 for d in result["column_across_tp"])
+    for kind in ("qkv", "gate_up", "row_across_tp", "across_pp"):
+        assert result[kind] and all(abs(d - 0.5) <= 0.13 for d in result[kind]), (kind, result[kind])
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
+def test_a_loop_that_skips_rasas_gradient_reductions_is_refused(layout):
+    """Megatron-LM's train() installs Megatron's own finalize_model_grads, which knows nothing of RaSA's
+    once-per-step reductions (TP-partial gradients of replicated factors, pipeline pools): at TP2 and
+    PP2 a training forward under it raises, naming finalize_model_grads_with_rasa, instead of letting
+    the TP copies drift apart or the pools go unreduced; under ours it runs. A gathered pool whose
+    slices changed after the gather (a step without RaSA's finalisation) is refused as stale."""
+    ranks = run_worker("megatron_guard_worker.py", 2, *layout)
+    for rank in ranks:
+        assert "needs its gradient reductions" in rank["megatron_own"]
+        assert "finalize_model_grads_with_rasa" in rank["megatron_own"]
+        assert rank["ours"] == "ran"
+        if layout[0] == "--pp":
+            assert "gathered pipeline pool is stale" in rank["stale"]

@@ -196,3 +196,29 @@ def test_deepcopy_keeps_pool_sharing(tiny_model_factory):
     twin = copy.deepcopy(model)
     assert twin.model.layers[0].self_attn.q_proj.pool is twin.rasa_pools["self_attn"]["q_proj"]
     assert twin.model.layers[0].self_attn.q_proj.pool is not model.rasa_pools["self_attn"]["q_proj"]
+
+
+def test_the_adapter_is_drawn_on_the_cpu_whatever_the_base_device(tiny_model_factory):
+    """apply_rasa draws every adapter tensor from the CPU generator and then moves it to the base's
+    device, so one seed gives one adapter on any device (a GPU under ZeRO-3, as the Megatron path;
+    checked on a GPU by tools/gpu_check.sh): a bf16 base gets the fp32 base's adapter and leaves the
+    generator where the fp32 one does; on a meta-device base (dry runs) nothing is drawn."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY
+
+    config = RaSAConfig(r=4, k=1, alpha=8)
+    fp32, bf16 = tiny_model_factory("llama", seed=0), tiny_model_factory("llama", seed=0, dtype=torch.bfloat16)
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(LlamaConfig(**TINY))
+    states = []
+    for model in (fp32, bf16, meta):
+        torch.manual_seed(5)
+        apply_rasa(model, config)
+        states.append(torch.get_rng_state())
+    want = adapter_state_dict(fp32)
+    assert all(p.dtype == torch.float32 and torch.equal(p, want[k]) for k, p in adapter_state_dict(bf16).items())
+    assert torch.equal(states[0], states[1])
+    torch.manual_seed(5)
+    assert torch.equal(states[2], torch.get_rng_state()) and not torch.equal(states[0], states[2])
+    assert all(p.device.type == "meta" for p in adapter_state_dict(meta).values())

@@ -1,6 +1,8 @@
 """The Megatron engine's dry run: the layout's data-parallel size and the busiest rank's memory."""
 from pathlib import Path
 
+import pytest
+
 from rasa_megatron.cli.train import dry_run_report
 from rasa_megatron.training.dry_run import build_meta_model
 from rasa_megatron.training.recipe import load_recipe
@@ -32,3 +34,23 @@ def test_megatron_dry_run_reports_the_megatron_layout():
     no_sp = megatron_memory_row(build_meta_model(llama), llama)
     assert no_sp["activations_gib"] > 1.5 * megatron_memory_row(build_meta_model(llama), load_recipe(
         CONFIGS / "llama3_70b_rasa_megatron.yaml"))["activations_gib"]
+
+
+def test_megatron_dry_run_counts_the_score_tensors_of_megatrons_own_attention():
+    """megatron.attention: local (Megatron's unfused DotProductAttention) keeps 5 a s^2 b bytes of scores,
+    softmax and dropout mask per layer over TP (the recomputed layer's only, with recompute); the SDPA
+    default keeps none. At 70B, TP8, s = 4096, b = 1: 5 x 64 x 4096^2 / 8 bytes = 0.625 GiB more."""
+    from rasa_megatron.megatron.memory import megatron_memory_row
+
+    recipe = load_recipe(CONFIGS / "llama3_70b_rasa_megatron.yaml")
+    model = build_meta_model(recipe)
+    sdpa = megatron_memory_row(model, recipe)
+    recipe.megatron.attention = "local"
+    local = megatron_memory_row(model, recipe)
+    assert abs((local["activations_gib"] - sdpa["activations_gib"]) - 5 * 64 * 4096**2 / 8 / 2**30) < 1e-9
+    assert local["model_states_gib"] == sdpa["model_states_gib"]
+    recipe.megatron.attention = "flash"
+    from rasa_megatron.training.recipe import RecipeError, validate_recipe
+
+    with pytest.raises(RecipeError, match=r"megatron.attention='flash'; valid: \['sdpa', 'local'\]"):
+        validate_recipe(recipe, world_size=64, require_data=False)

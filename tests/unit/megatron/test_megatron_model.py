@@ -1,4 +1,4 @@
-"""The Megatron GPTModel the engine builds (rasa_megatron.megatron.model): its CPU core attention
+"""The Megatron GPTModel the engine builds (rasa_megatron.megatron.model): its SDPA core attention
 against plain softmax attention (fp64, 1e-12), and a single-process GPTModel (gloo world of 1) with
 converted HF weights giving HF Llama's and Mistral's (sliding window) logits (fp32, 1e-5)."""
 from types import SimpleNamespace
@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from rasa_megatron.convert.megatron_weights import hf_to_megatron, transformer_config_from_hf
-from rasa_megatron.megatron.cpu_attention import TorchDotProductAttention
+from rasa_megatron.megatron.sdpa_attention import SDPADotProductAttention
 from rasa_megatron.megatron.model import build_gpt_model
 
 
@@ -20,7 +20,7 @@ def tiny(tied=False, **overrides):
     return config, LlamaForCausalLM(config).state_dict()
 
 
-# ---- the CPU core attention on its own ------------------------------------------------------------------
+# ---- the SDPA core attention on its own ------------------------------------------------------------------
 
 class _Group:
     def __init__(self, size):
@@ -35,7 +35,7 @@ def _attention(tp=1, heads=4, groups=2, head_dim=8, **config_fields):
 
     config, _ = tiny(num_attention_heads=heads, num_key_value_heads=groups, head_dim=head_dim)
     tc = transformer_config_from_hf(config, tensor_model_parallel_size=tp, **config_fields)
-    return TorchDotProductAttention(tc, 1, AttnMaskType.causal, "self",
+    return SDPADotProductAttention(tc, 1, AttnMaskType.causal, "self",
                                     pg_collection=SimpleNamespace(tp=_Group(tp))).eval()
 
 
@@ -48,7 +48,7 @@ def _reference_attention(q, k, v, allowed):
     return torch.einsum("bhqk,kbhd->qbhd", probs, v).reshape(q.shape[0], q.shape[1], -1)
 
 
-def test_cpu_attention_matches_plain_softmax_attention():
+def test_sdpa_attention_matches_plain_softmax_attention(megatron_world):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(7, 2, n, 8, generator=gen, dtype=torch.float64) for n in (4, 2, 2))
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
@@ -65,7 +65,7 @@ def test_cpu_attention_matches_plain_softmax_attention():
                           atol=1e-12)
 
 
-def test_cpu_attention_takes_this_tensor_parallel_ranks_heads():
+def test_sdpa_attention_takes_this_tensor_parallel_ranks_heads(megatron_world):
     attention = _attention(tp=2)
     assert (attention.num_attention_heads_per_partition, attention.num_query_groups_per_partition) == (2, 1)
     q, k = torch.randn(5, 1, 2, 8), torch.randn(5, 1, 1, 8)

@@ -1,17 +1,15 @@
-"""A CPU-capable core attention for Megatron-core GPT layer specs (tests, CPU dry runs).
+"""Core attention through ``torch.nn.functional.scaled_dot_product_attention`` for Megatron-core GPT
+layer specs: the local spec's default in this project, on GPU and CPU alike.
 
-Megatron's local ``DotProductAttention`` calls ``torch.cuda``; this drop-in uses
-``torch.nn.functional.scaled_dot_product_attention`` (causal, GQA, sliding window) with the same
-constructor and call signature. GPU training keeps Megatron's own attention (local or Transformer
-Engine).
-
-Without apex or Transformer Engine, Megatron's local spec builds its RMSNorms with
-``WrappedTorchNorm`` (a ``torch.nn.RMSNorm`` in fp32 whatever ``params_dtype``, refusing sequence
-parallelism); :func:`rasa_megatron.megatron.model.gpt_block_spec` puts :class:`TorchRMSNorm` in its
-place. Both keep the parameter name ``weight``.
+Megatron's local ``DotProductAttention`` computes the scores unfused (``[b, heads, s, s]`` tensors,
+~1 GB each at 4k tokens, softmax and dropout on them); this drop-in with the same constructor and
+call signature hands plain causal attention to SDPA with ``is_causal`` (PyTorch's flash or
+memory-efficient kernels on a GPU, no ``s^2`` tensor), and masks or sliding windows as a boolean
+mask (the memory-efficient kernel). ``megatron.attention: local`` in a recipe keeps Megatron's own.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -31,7 +29,7 @@ def _tensor_parallel_size(pg_collection) -> int:
     return tp_group.size() if tp_group is not None else 1
 
 
-class TorchDotProductAttention(MegatronModule):
+class SDPADotProductAttention(MegatronModule):
     """Softmax attention on this TP rank's heads (Megatron's ``DotProductAttention`` interface).
 
     Shapes: ``query [sq, b, np, hn]``, ``key``/``value`` ``[sk, b, ng, hn]`` with
@@ -40,9 +38,10 @@ class TorchDotProductAttention(MegatronModule):
     is NOT allowed. Masking follows Megatron's unfused softmax: a layer with a sliding window uses
     the window (and the given mask, if any); otherwise a given mask is used as is; a causal layer
     without a mask is causal (``sq == sk``; ``sq == 1`` attends to every key). Attention dropout
-    (``config.attention_dropout``) applies in training, drawn from torch's default generator
-    (Megatron's CUDA RNG tracker does not exist on CPU). ``apply_query_key_layer_scaling`` divides
-    Megatron's scale by the layer number and multiplies the scores by it again, so it is left out.
+    (``config.attention_dropout``) applies in training, in Megatron's ``model-parallel-rng`` tracker
+    state (the heads of a TP rank are its own) unless sequence parallelism is on, as Megatron's
+    ``DotProductAttention`` does. ``apply_query_key_layer_scaling`` divides Megatron's scale by the
+    layer number and multiplies the scores by it again, so it is left out.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
@@ -52,10 +51,10 @@ class TorchDotProductAttention(MegatronModule):
         from megatron.core.transformer.utils import is_layer_window_attention
 
         if getattr(config, "context_parallel_size", 1) != 1:
-            raise ValueError(f"TorchDotProductAttention does not support context parallelism "
+            raise ValueError(f"SDPADotProductAttention does not support context parallelism "
                              f"(context_parallel_size = {config.context_parallel_size})")
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
-            raise ValueError(f"TorchDotProductAttention supports softmax_type 'vanilla' only, not "
+            raise ValueError(f"SDPADotProductAttention supports softmax_type 'vanilla' only, not "
                              f"{config.softmax_type!r}")
         tp_size = _tensor_parallel_size(pg_collection)
         self.layer_number = max(1, layer_number)
@@ -93,7 +92,7 @@ class TorchDotProductAttention(MegatronModule):
                 packed_seq_params=None):
         """``query [sq, b, np, hn]``, ``key``/``value`` ``[sk, b, ng, hn]`` -> ``[sq, b, np * hn]``."""
         if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("TorchDotProductAttention supports neither packed sequences nor attention bias")
+            raise ValueError("SDPADotProductAttention supports neither packed sequences nor attention bias")
         sq, batch, heads, head_dim = query.shape
         groups = key.shape[2]
         if (heads, groups) != (self.num_attention_heads_per_partition, self.num_query_groups_per_partition):
@@ -104,18 +103,13 @@ class TorchDotProductAttention(MegatronModule):
             k, v = k.repeat_interleave(heads // groups, dim=1), v.repeat_interleave(heads // groups, dim=1)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         allowed, causal = self._mask(attention_mask, mask_type, sq, key.shape[0], query.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal,
-                                             dropout_p=self.dropout_p if self.training else 0.0,
-                                             scale=self.softmax_scale)
+        rng = contextlib.nullcontext()
+        if not self.config.sequence_parallel:  # this TP rank's heads: its own dropout stream (as Megatron's)
+            from megatron.core import tensor_parallel
+
+            rng = tensor_parallel.get_cuda_rng_tracker().fork()
+        with rng:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal,
+                                                 dropout_p=self.dropout_p if self.training else 0.0,
+                                                 scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * head_dim)
-
-
-class TorchRMSNorm(torch.nn.RMSNorm):
-    """``torch.nn.RMSNorm`` with Megatron's norm constructor, in ``config.params_dtype``; unlike
-    Megatron's WrappedTorchNorm it allows sequence parallelism (the weight is tagged
-    ``sequence_parallel`` so Megatron's ``finalize_model_grads`` all-reduces its gradient over TP,
-    as for its fused norms)."""
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
-        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
-        self.weight.sequence_parallel = config.sequence_parallel
