@@ -33,9 +33,6 @@ def main():
     tp = dist.get_world_size()
     rank = dist.get_rank()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    from megatron.core import tensor_parallel
-
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)  # Megatron's RNG tracker, as a GPU run seeds it
     sp = args.sequence_parallel
     if sp:
         # Test shim (CPU only): Megatron's sequence-parallel all-gather / reduce-scatter allocate

@@ -203,14 +203,12 @@ def test_the_adapter_is_drawn_on_the_cpu_whatever_the_base_device(tiny_model_fac
     device, so one seed gives one adapter on any device (a GPU under ZeRO-3, as the Megatron path;
     checked on a GPU by tools/gpu_check.sh): a bf16 base gets the fp32 base's adapter and leaves the
     generator where the fp32 one does; on a meta-device base (dry runs) nothing is drawn."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from conftest import TINY
+    from transformers import LlamaForCausalLM
 
     config = RaSAConfig(r=4, k=1, alpha=8)
     fp32, bf16 = tiny_model_factory("llama", seed=0), tiny_model_factory("llama", seed=0, dtype=torch.bfloat16)
     with torch.device("meta"):
-        meta = LlamaForCausalLM(LlamaConfig(**TINY))
+        meta = LlamaForCausalLM(fp32.config)
     states = []
     for model in (fp32, bf16, meta):
         torch.manual_seed(5)
