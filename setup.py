@@ -19,6 +19,7 @@ CORE_REQUIRES = [
     "matplotlib",
     "gguf>=0.10",
     "lion-pytorch>=0.2",
+    "psutil",
 ]
 
 EXTRAS = {

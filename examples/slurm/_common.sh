@@ -25,3 +25,26 @@ export NCCL_ASYNC_ERROR_HANDLING=1
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# Preemption and time limits: the templates ask SLURM for USR1 two minutes before the end
+# (#SBATCH --signal=B:USR1@120, to this batch shell) and to requeue the job (#SBATCH --requeue). The trap
+# turns the signal into "$RUN_DIR/STOP"; every training rank sees it after its current optimizer step,
+# the run writes a checkpoint and exits with status 99 after writing "$RUN_DIR/preempted.json"; the job is
+# then requeued and its next run resumes (--resume auto) from that checkpoint.
+run_with_requeue() {
+  echo "$*"
+  if [ "${DRY_RUN:-0}" = 1 ]; then exit 0; fi
+  rm -f "$RUN_DIR/STOP" "$RUN_DIR/preempted.json"
+  trap 'touch "$RUN_DIR/STOP"' USR1 TERM
+  "$@" &
+  local child=$! status=0
+  while true; do  # wait returns early when a trapped signal arrives: wait again until the run exits
+    wait "$child" && status=0 || status=$?
+    kill -0 "$child" 2>/dev/null || break
+  done
+  if [ -f "$RUN_DIR/preempted.json" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    echo "preempted ($(cat "$RUN_DIR/preempted.json")): requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" || echo "warning: scontrol requeue $SLURM_JOB_ID failed (already requeued or cancelled?); resubmit to resume" >&2
+    exit 0
+  fi
+  exit "$status"
+}

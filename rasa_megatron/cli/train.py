@@ -8,8 +8,10 @@ RaSA/LoRA only).
     rasa-train --config examples/configs/llama3_70b_rasa.yaml --dry-run
 
 Override recipe keys on the command line: ``--set train.lr=3e-4 --set data.paths=[a.jsonl]``.
-``--resume`` continues from the latest checkpoint in ``output.dir/checkpoints`` (or a given path).
-Bad recipes (unknown key, batch not divisible by micro-batch x world size, missing data) exit
+``--resume`` continues from the newest intact checkpoint in ``output.dir/checkpoints`` (or a given path);
+``--resume auto`` also starts afresh when there is none. SIGTERM / SIGUSR1 (``output.stop_signals``) or a
+STOP file in ``--control-dir`` make every rank finish its step; the run checkpoints and exits with
+status 99 (``preempted.json`` says so). Bad recipes (unknown key, batch not divisible by micro-batch x world size, missing data) exit
 with status 2 before any model or data is loaded.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import warnings
 
 from ..training.dry_run import dry_run_report as _report
+from ..training.identity import completed_step
 from ..training.recipe import Recipe, RecipeError, load_recipe, validate_recipe
 
 
@@ -51,8 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="build on the meta device, print parameters, ranks and a memory estimate, exit")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="dry run: GPUs per node")
     parser.add_argument("--nodes", type=int, default=8, help="dry run: nodes")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="resume from output.dir/checkpoints (or the given checkpoint dir)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="latest|auto|PATH",
+                        help="resume from the newest intact checkpoint of output.dir (damaged ones are skipped, "
+                             "with a warning); 'auto': the same, or start afresh when there is none (requeued "
+                             "jobs); PATH: a checkpoints root or one step directory. A finished run exits at once")
+    parser.add_argument("--control-dir", default=None,
+                        help="where a STOP file asks the run to stop and preempted.json reports that it did "
+                             "(default: output.dir)")
     parser.add_argument("--portable", action="store_true",
                         help="with --resume: restore the world-size-independent adapter + optimizer state "
                              "(resume on a different number of GPUs); engine deepspeed, RaSA/LoRA only")
@@ -83,5 +91,10 @@ def main(argv=None) -> int:
     if args.portable and not args.resume:
         print("error: --portable needs --resume [PATH]", file=sys.stderr)
         return 2
-    engine_module(recipe).run(recipe, stop_step=args.stop_after, resume=args.resume, portable=args.portable)
-    return 0
+    if args.resume is not None and args.stop_after is None:
+        finished = completed_step(recipe)
+        if finished is not None:  # a requeued or repeated job: nothing to do, nothing rewritten
+            print(f"run complete: {recipe.output.dir} finished at step {finished} (complete.json); nothing to resume")
+            return 0
+    return engine_module(recipe).run(recipe, stop_step=args.stop_after, resume=args.resume, portable=args.portable,
+                                     control_dir=args.control_dir)

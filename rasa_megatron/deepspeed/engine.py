@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +19,17 @@ import torch
 import torch.distributed as dist
 
 from ..inject import rasa_config_of
-from ..training.checkpoint import (atomic_torch_save, atomic_write_text, check_resume_recipe, checkpoint_root,
-                                   resolve_checkpoint, step_tag, write_latest, write_recipe_record)
+from ..training.checkpoint import atomic_write_text, checkpoint_root, save_checkpoint_dir
+from ..training.control import StopRequest
 from ..training.data import TrainingData, collate, load_tokenizer, micro_batches_for_rank, prepare_training_data
-from ..training.loop import StepResult, run_steps
+from ..training.identity import check_resume_identity, mark_complete, run_identity, write_run_record
+from ..training.loop import LoopResult, StepResult, preempted, resume_directory, run_steps, stop_file_path
 from ..training.metrics import MetricsWriter
 from ..training.model import build_hf_model
 from ..training.optim import lr_scheduler, recipe_optimizer
 from ..training.recipe import Recipe, validate_recipe
 from ..training.rng import rng_state, set_rng_state
+from ..training.state_io import load_state, save_state
 from .portable import load_portable_state, save_portable_state
 from .zero3 import keep_pools_resident, save_adapter_distributed
 
@@ -117,6 +118,8 @@ class TrainState:
     tokenizer: object
     data: TrainingData
     grad_accum: int
+    identity: dict
+    resumed_from: int | None = None
 
     @property
     def total_steps(self) -> int:
@@ -146,78 +149,68 @@ def setup(recipe: Recipe, dist_backend: str | None = None, resident_pools: bool 
         engine.lr_scheduler = scheduler
     if recipe.rasa_config() is not None:
         keep_pools_resident(engine, persistent=resident_pools)
-    return TrainState(engine, recipe, tokenizer, data, grad_accum)
+    return TrainState(engine, recipe, tokenizer, data, grad_accum, run_identity(recipe, data.sha256))
 
 
-def rng_file(checkpoint_dir: str | os.PathLike, tag: str, rank: int) -> Path:
-    return Path(checkpoint_dir) / tag / f"rasa_rng_rank{rank:05d}.pt"
+def rng_name(rank: int) -> str:
+    return f"rng_rank{rank:05d}"
 
 
 def save_checkpoint(state: TrainState, step: int) -> Path:
-    """DeepSpeed engine checkpoint (model/optimizer/scheduler/step counters), this rank's RNG, the
-    portable adapter state and the run's recipe; ``checkpoints/latest`` moves once all are written."""
-    rank, _ = world()
-    out = checkpoint_root(state.recipe.output.dir)
-    tag = step_tag(step)
-    state.engine.save_checkpoint(str(out), tag=tag, client_state={"global_step": step}, save_latest=False)
-    atomic_torch_save(rng_state(), rng_file(out, tag, rank))
-    if state.recipe.rasa_config() is not None:
-        save_portable_state(state.engine, out / tag / PORTABLE, {
-            "global_step": step, "global_batch_size": state.recipe.train.global_batch_size,
-            "scheduler": state.engine.lr_scheduler.state_dict()})
-    if rank == 0:
-        write_recipe_record(out / tag, state.recipe)
-        if state.recipe.rasa_config() is not None:
-            atomic_write_text(out / tag / RASA_CONFIG_FILE, json.dumps(rasa_config_of(state.engine.module).to_dict()))
-    dist.barrier()
-    if rank == 0:
-        write_latest(out, tag)
-    dist.barrier()
-    return out / tag
+    """The checkpoint after global step ``step`` through the shared save protocol (verified manifest,
+    ``latest`` last, ``output.keep_last``): for adapters the portable state (fp32 masters, optimizer
+    states, scheduler, step: safetensors + JSON); for full fine-tuning DeepSpeed's own engine
+    checkpoint; every rank's RNG; the run's recipe and identity."""
+    rank, world_size = world()
+    recipe = state.recipe
+
+    def write(directory: Path) -> None:
+        if recipe.rasa_config() is None:
+            state.engine.save_checkpoint(str(directory.parent), tag=directory.name,
+                                         client_state={"global_step": step}, save_latest=False)
+        else:
+            save_portable_state(state.engine, directory / PORTABLE, {
+                "global_step": step, "global_batch_size": recipe.train.global_batch_size, "world_size": world_size,
+                "scheduler": state.engine.lr_scheduler.state_dict()})
+        save_state(directory, rng_name(rank), rng_state())
+        if rank == 0:
+            write_run_record(directory, recipe, state.identity)
+            if recipe.rasa_config() is not None:
+                atomic_write_text(directory / RASA_CONFIG_FILE, json.dumps(rasa_config_of(state.engine.module).to_dict()))
+
+    return save_checkpoint_dir(checkpoint_root(recipe.output.dir), step, write, recipe.output.keep_last)
 
 
-def _resolve(state: TrainState, path) -> tuple[Path, str]:
-    try:
-        root, tag = resolve_checkpoint(path or checkpoint_root(state.recipe.output.dir))
-    except FileNotFoundError as err:
-        raise SystemExit(f"error: cannot resume: {err}") from err
-    check_resume_recipe(root / tag, state.recipe)
-    return root, tag
-
-
-def load_checkpoint(state: TrainState, path: str | os.PathLike | None = None) -> int:
-    """Restore the latest (or given) checkpoint; returns the global step to continue from.
-
-    Restores weights, optimizer, scheduler and step counters (DeepSpeed) and this rank's RNG; the
-    data position follows from the step (the batch plan is a function of seed, epoch and step).
-    """
-    rank, _ = world()
-    root, tag = _resolve(state, path)
-    load_path, client = state.engine.load_checkpoint(str(root), tag=tag)
-    if load_path is None:
-        raise SystemExit(f"error: DeepSpeed found no checkpoint {tag!r} under {root}")
-    step = int(client["global_step"])
-    rng = rng_file(root, tag, rank)
-    if rng.exists():
-        set_rng_state(torch.load(rng, weights_only=False))
-    elif rank == 0:
-        print(f"warning: {rng} missing (resumed on another world size?); RNG not restored", file=sys.stderr)
-    return step
-
-
-def load_portable_checkpoint(state: TrainState, path: str | os.PathLike | None = None) -> int:
-    """Resume on any world size from the portable state saved beside a checkpoint: adapter fp32
-    masters, optimizer states, scheduler and step (not the per-rank RNG streams, which belong to
-    the old ranks; with dropout the continuation is statistically, not bitwise, the same)."""
-    root, tag = _resolve(state, path)
-    meta = load_portable_state(state.engine, root / tag / PORTABLE)
-    scheduler = state.engine.lr_scheduler
-    scheduler.load_state_dict(meta["scheduler"])
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr  # load_state_dict restores the schedule's position, not the optimizer's lr
-    step = int(meta["global_step"])
-    state.engine.global_steps = step
-    state.engine.global_samples = step * state.recipe.train.global_batch_size
+def load_checkpoint(state: TrainState, tag_dir: Path, portable: bool = False) -> int:
+    """Restore ``tag_dir`` (chosen and verified by :func:`select_checkpoint`); returns the global step to
+    continue from. Adapters: the portable state (nothing unpickled), and each rank's RNG when the world
+    size is the one that wrote it; another world size needs ``portable`` (the per-rank dropout streams
+    cannot be carried over, so the continuation is statistically, not bitwise, the same). Full
+    fine-tuning: DeepSpeed's own checkpoint (its format; the same world size)."""
+    rank, world_size = world()
+    check_resume_identity(tag_dir, state.identity)
+    if state.recipe.rasa_config() is None:
+        load_path, client = state.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        if load_path is None:
+            raise SystemExit(f"error: DeepSpeed found no checkpoint in {tag_dir}")
+        step = int(client["global_step"])
+    else:
+        meta = load_portable_state(state.engine, tag_dir / PORTABLE)
+        saved_world = meta.get("world_size", world_size)
+        if saved_world != world_size and not portable:
+            raise SystemExit(f"error: cannot resume: {tag_dir} was written by {saved_world} processes, this run has "
+                             f"{world_size}; add --portable to continue on another world size (the per-rank dropout "
+                             "streams are not carried over)")
+        scheduler = state.engine.lr_scheduler
+        scheduler.load_state_dict(meta["scheduler"])
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # load_state_dict restores the schedule's position, not the optimizer's lr
+        step = int(meta["global_step"])
+        state.engine.global_steps = step
+        state.engine.global_samples = step * state.recipe.train.global_batch_size
+        if saved_world != world_size:
+            return step
+    set_rng_state(load_state(tag_dir, rng_name(rank)))
     return step
 
 
@@ -243,41 +236,54 @@ def train_step(state: TrainState, global_batch) -> StepResult:
     return StepResult(values[0] / (state.grad_accum * world_size), grad_norm, lr)
 
 
-def train(state: TrainState, start_step: int = 0, stop_step: int | None = None, progress: bool = True) -> list[dict]:
-    """Run global steps ``start_step .. stop_step`` (default: to the end); returns the metric rows
-    (rank 0; other ranks: [])."""
+def train(state: TrainState, start_step: int = 0, stop_step: int | None = None, progress: bool = True,
+          stop: StopRequest | None = None) -> LoopResult:
+    """Run global steps ``start_step .. stop_step`` (default: to the end), checkpointing every
+    ``output.save_every`` steps and when ``stop`` is agreed on (then the loop ends early)."""
     rank, world_size = world()
-    stop = state.total_steps if stop_step is None else min(stop_step, state.total_steps)
-    writer = MetricsWriter(state.recipe.output.dir, stop, start_step, enabled=rank == 0, progress=progress)
+    stop_at = state.total_steps if stop_step is None else min(stop_step, state.total_steps)
+    writer = MetricsWriter(state.recipe.output.dir, stop_at, start_step, enabled=rank == 0, progress=progress)
     state.engine.train()
     try:
-        return run_steps(state.data, lambda step, batch: train_step(state, batch), start_step, stop, world_size,
-                         writer, state.recipe.output.save_every, lambda step: save_checkpoint(state, step))
+        return run_steps(state.data, lambda step, batch: train_step(state, batch), start_step, stop_at, world_size,
+                         writer, state.recipe.output.save_every, lambda step: save_checkpoint(state, step), stop)
     finally:
         writer.close()
 
 
 def finish(state: TrainState) -> None:
-    """Final checkpoint, adapter and PEFT export (fp32 masters, atomic, rank 0 writes)."""
+    """Final checkpoint (unless it is the one the run resumed from), adapter and PEFT export (fp32
+    masters, atomic, rank 0 writes), then ``complete.json``."""
     out = Path(state.recipe.output.dir)
-    save_checkpoint(state, state.total_steps)
+    if state.resumed_from != state.total_steps:
+        save_checkpoint(state, state.total_steps)
     if state.recipe.rasa_config() is not None:
         save_adapter_distributed(state.engine, out / "adapter" if state.recipe.output.save_adapter else None,
                                  out / "peft_adapter" if state.recipe.output.export_peft else None)
+    if world()[0] == 0:
+        mark_complete(out, state.recipe, state.total_steps)
+    dist.barrier()
 
 
 def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike | None = None,
-        portable: bool = False, progress: bool = True) -> None:
-    """``rasa-train`` with ``engine: deepspeed``: set up, resume (``"latest"`` or a checkpoint path;
-    ``portable``: from the world-size-independent state), train, then write a checkpoint at
-    ``stop_step`` or, at the end, the final checkpoint, adapter and PEFT export."""
+        portable: bool = False, progress: bool = True, control_dir: str | os.PathLike | None = None) -> int:
+    """``rasa-train`` with ``engine: deepspeed``: set up, resume (``"latest"``, ``"auto"`` or a path; see
+    :func:`~rasa_megatron.training.loop.resume_directory`; ``portable``: onto another world size),
+    train, then write a checkpoint at ``stop_step``, or on a stop request (then exit status
+    ``EXIT_PREEMPTED``), or at the end the final checkpoint, adapter and PEFT export. Returns the exit status."""
     state = setup(recipe)
+    stop = StopRequest(recipe.output.stop_signals, stop_file_path(recipe, control_dir), recipe.output.max_minutes)
     start = 0
-    if resume:
-        load = load_portable_checkpoint if portable else load_checkpoint
-        start = load(state, None if resume == "latest" else resume)
-    train(state, start_step=start, stop_step=stop_step, progress=progress)
+    stop_at = state.total_steps if stop_step is None else min(state.total_steps, stop_step)
+    tag_dir = resume_directory(recipe, resume, stop_at, state.identity)
+    if tag_dir is not None:
+        start = state.resumed_from = load_checkpoint(state, tag_dir, portable)
+    result = train(state, start_step=start, stop_step=stop_step, progress=progress, stop=stop)
+    if result.stopped_step is not None:
+        return preempted(recipe, control_dir, result, stop)
     if stop_step is not None and stop_step < state.total_steps:
-        save_checkpoint(state, stop_step)
+        if state.resumed_from != stop_step:
+            save_checkpoint(state, stop_step)
     else:
         finish(state)
+    return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..training.state_io import write_bytes_durably, write_json
 from .zero3 import is_zero3_param
 
 PORTABLE_WEIGHTS = "portable_state.safetensors"
@@ -57,15 +58,27 @@ def _create_optimizer_states(engine, keys: list[str], step) -> None:
         state.setdefault("step", torch.tensor(float(step)) if tensor_step else step)
 
 
+def _link_optimizer_fragments(engine) -> None:
+    """ZeRO-1/2 (and DeepSpeed's bf16 optimizer) map every parameter to its fragment of the optimizer
+    state lazily, at the first ``step()``; until then ``safe_get/set_full_optimizer_state`` dereference
+    an unset fragment (``TypeError: argument of type 'NoneType' is not iterable``). A resume that makes no
+    step before saving (a finished run, or a kill after the final checkpoint) hits it; link now."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def save_portable_state(engine, directory: str | os.PathLike, meta: dict) -> None:
     """World-size-independent training state of the trainable parameters: fp32 masters and
     per-element optimizer states by parameter name (gathered: collective), plus ``meta`` (step,
-    scheduler, ...). Rank 0 writes ``portable_state.safetensors`` + ``.json`` atomically.
+    scheduler, ...). Rank 0 writes ``portable_state.safetensors`` + ``.json`` durably.
 
-    Meant for adapters (small); DeepSpeed's own checkpoint remains the same-world-size resume.
+    Meant for adapters (small): the engine's checkpoint for RaSA / LoRA runs, read back without
+    unpickling anything.
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     tensors = {}
@@ -80,18 +93,12 @@ def save_portable_state(engine, directory: str | os.PathLike, meta: dict) -> Non
                 tensors[f"state/{key}/{name}"] = value.detach().float().cpu().contiguous()
     steps = {v["step"].item() if torch.is_tensor(v["step"]) else v["step"]
              for v in _inner_optimizer(engine).state.values() if "step" in v}
-    if rank == 0:
+    if rank == 0:  # no collective after this point: a failed write is agreed on by the caller's save protocol
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{PORTABLE_WEIGHTS}.tmp"
-        save_file(tensors, tmp)
-        os.replace(tmp, directory / PORTABLE_WEIGHTS)
-        meta = {**meta, "optimizer_state_keys": keys, "optimizer_step": max(steps) if steps else None}
-        tmp = directory / f".{PORTABLE_META}.tmp"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, directory / PORTABLE_META)
-    if dist.is_initialized():
-        dist.barrier()
+        write_bytes_durably(directory / PORTABLE_WEIGHTS, save(tensors))
+        write_json(directory / PORTABLE_META,
+                   {**meta, "optimizer_state_keys": keys, "optimizer_step": max(steps) if steps else None})
 
 
 def load_portable_state(engine, directory: str | os.PathLike) -> dict:
@@ -115,6 +122,7 @@ def load_portable_state(engine, directory: str | os.PathLike) -> dict:
     if not keys:  # a fresh engine whose optimizer creates its state lazily (Lion, AdamW): create it
         _create_optimizer_states(engine, meta["optimizer_state_keys"], meta.get("optimizer_step"))
         keys = optimizer_state_keys(engine)
+        _link_optimizer_fragments(engine)
     if keys != meta["optimizer_state_keys"]:
         raise ValueError(f"optimizer state {meta['optimizer_state_keys']} was saved, this optimizer has {keys}")
     for name, param in params.items():

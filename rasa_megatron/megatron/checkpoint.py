@@ -1,20 +1,21 @@
 """The Megatron engine's resume checkpoints: per-rank adapter shards, optimizer, scheduler and RNG,
 on the layout that wrote them (for resharding use Megatron's dist checkpoint, see sharding.py).
 
-``checkpoints/step{N:07d}/rank{rank:05d}.pt`` per rank, then (rank 0) ``layout.json`` and the
-run's ``recipe.json``, then ``checkpoints/latest``.
+``checkpoints/step{N:07d}/rank{rank:05d}.safetensors`` + ``.json`` per rank (nothing pickled), then
+(rank 0) ``layout.json`` and the run's records, through the shared save protocol (verified manifest,
+``latest`` last, ``output.keep_last``).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..training.checkpoint import (CHECKPOINTS, LATEST, atomic_torch_save, atomic_write_text, check_resume_compatible,
-                                   check_resume_recipe, checkpoint_root, step_tag, write_latest, write_recipe_record)
+from ..training.checkpoint import check_resume_compatible, checkpoint_root, save_checkpoint_dir
+from ..training.identity import check_resume_identity, write_run_record
 from ..training.rng import rng_state, set_rng_state
+from ..training.state_io import load_state, read_json, save_state, write_json
 
 LAYOUT_FILE = "layout.json"
 
@@ -40,44 +41,42 @@ def adapter_parameters(chunks: list) -> dict[str, torch.nn.Parameter]:
             if p.requires_grad}
 
 
-def save_checkpoint(recipe, step: int, chunks: list, optimizers: list, schedulers: list, parallel_state) -> Path:
+def _rank_name() -> str:
+    return f"rank{dist.get_rank():05d}"
+
+
+def save_checkpoint(recipe, identity: dict, step: int, chunks: list, optimizers: list, schedulers: list,
+                    parallel_state) -> Path:
     """Every rank writes its adapter shards, its torch optimizers' states (with Megatron's distributed
     optimizer: this rank's shards), the schedulers' states and RNG (the generators and Megatron's
-    tracker states: dropout streams continue exactly) atomically: temporary file, then rename; after
-    all ranks wrote, rank 0 writes ``layout.json``, the recipe and then ``latest``."""
-    root = checkpoint_root(recipe.output.dir)
-    tag_dir = root / step_tag(step)
-    tag_dir.mkdir(parents=True, exist_ok=True)
+    tracker states: dropout streams continue exactly); rank 0 the layout and the run's records."""
     from megatron.core import tensor_parallel
 
-    rng = {**rng_state(), "megatron_tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    state = {"step": step, "optimizers": [o.state_dict() for o in optimizers],
-             "schedulers": [s.state_dict() for s in schedulers], "rng": rng,
-             "adapter": {name: p.detach().cpu() for name, p in adapter_parameters(chunks).items()}}
-    atomic_torch_save(state, tag_dir / f"rank{dist.get_rank():05d}.pt")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        atomic_write_text(tag_dir / LAYOUT_FILE,
-                          json.dumps(layout(parallel_state, recipe.megatron.use_distributed_optimizer)))
-        write_recipe_record(tag_dir, recipe)
-        write_latest(root, tag_dir.name)
-    dist.barrier()
-    return tag_dir
+    def write(directory: Path) -> None:
+        state = {"step": step, "optimizers": [o.state_dict() for o in optimizers],
+                 "schedulers": [s.state_dict() for s in schedulers],
+                 "rng": {**rng_state(), "megatron_tracker": tensor_parallel.get_cuda_rng_tracker().get_states()},
+                 "adapter": {name: p.detach() for name, p in adapter_parameters(chunks).items()}}
+        save_state(directory, _rank_name(), state)
+        if dist.get_rank() == 0:
+            write_json(directory / LAYOUT_FILE, layout(parallel_state, recipe.megatron.use_distributed_optimizer))
+            write_run_record(directory, recipe, identity)
+
+    return save_checkpoint_dir(checkpoint_root(recipe.output.dir), step, write, recipe.output.keep_last)
 
 
-def load_checkpoint(recipe, path: Path, chunks: list, optimizers: list, schedulers: list, parallel_state) -> int:
-    """Restore what :func:`save_checkpoint` wrote (``path``: the checkpoints root with ``latest``, or a
-    ``step*`` directory) on the same layout; returns the global step to continue from."""
-    path = Path(path)
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
-    if not (path / LAYOUT_FILE).is_file():
-        raise SystemExit(f"error: cannot resume: {path} is not a Megatron-engine checkpoint (no {LAYOUT_FILE}; "
-                         f"expected {CHECKPOINTS}/latest or a {CHECKPOINTS}/step* directory)")
-    check_resume_layout(json.loads((path / LAYOUT_FILE).read_text()),
-                        layout(parallel_state, recipe.megatron.use_distributed_optimizer))
-    check_resume_recipe(path, recipe)
-    state = torch.load(path / f"rank{dist.get_rank():05d}.pt", weights_only=False, map_location="cpu")
+def load_checkpoint(recipe, identity: dict, tag_dir: Path, chunks: list, optimizers: list, schedulers: list,
+                    parallel_state) -> int:
+    """Restore ``tag_dir`` (chosen and verified by ``select_checkpoint``) on the same layout; returns the
+    global step to continue from. Refuses another layout, model, data set or RaSA config, naming it."""
+    from megatron.core import tensor_parallel
+
+    tag_dir = Path(tag_dir)
+    if not (tag_dir / LAYOUT_FILE).is_file():
+        raise SystemExit(f"error: cannot resume: {tag_dir} is not a Megatron-engine checkpoint (no {LAYOUT_FILE})")
+    check_resume_layout(read_json(tag_dir / LAYOUT_FILE), layout(parallel_state, recipe.megatron.use_distributed_optimizer))
+    check_resume_identity(tag_dir, identity)
+    state = load_state(tag_dir, _rank_name())
     params = adapter_parameters(chunks)
     if set(params) != set(state["adapter"]):
         raise SystemExit(f"error: cannot resume: the checkpoint's adapter does not fit this model "
@@ -96,7 +95,5 @@ def load_checkpoint(recipe, path: Path, chunks: list, optimizers: list, schedule
     for scheduler, saved in zip(schedulers, state["schedulers"]):
         scheduler.load_state_dict(saved)
     set_rng_state(state["rng"])
-    from megatron.core import tensor_parallel
-
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng"]["megatron_tracker"])
     return int(state["step"])

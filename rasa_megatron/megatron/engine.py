@@ -30,9 +30,10 @@ import torch.distributed as dist
 from ..adapter import export_peft_lora, hf_model_with_adapter, save_adapter
 from ..convert.hf_checkpoint import SafetensorsCheckpoint
 from ..convert.megatron_weights import hf_to_megatron, transformer_config_from_hf
-from ..training.checkpoint import checkpoint_root
+from ..training.control import StopRequest
+from ..training.identity import mark_complete, run_identity
 from ..training.data import load_tokenizer, micro_batches_for_rank, prepare_training_data
-from ..training.loop import StepResult, run_steps
+from ..training.loop import StepResult, preempted, resume_directory, run_steps, stop_file_path
 from ..training.metrics import MetricsWriter
 from ..training.model import compute_dtype
 from ..training.optim import lr_scheduler, recipe_optimizer
@@ -161,12 +162,12 @@ def build_chunks(recipe: Recipe, hf_config, parallel_state, cuda: bool):
 
 
 def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike | None = None,
-        portable: bool = False, progress: bool = True) -> list[dict]:
-    """Train with Megatron-core; returns the per-step metrics on the rank that logs (others: []).
-
-    ``resume``: ``"latest"`` (``output.dir/checkpoints``) or a checkpoint path, same layout
-    (``portable`` resumes are the DeepSpeed engine's). A run stopped by ``stop_step`` before the end
-    saves a checkpoint instead of the final adapter."""
+        portable: bool = False, progress: bool = True, control_dir: str | os.PathLike | None = None) -> int:
+    """Train with Megatron-core; returns the exit status (0, or ``EXIT_PREEMPTED`` after a honoured stop
+    request). ``resume``: see :func:`~rasa_megatron.training.loop.resume_directory` (same layout;
+    ``portable`` resumes are the DeepSpeed engine's). A run stopped by ``stop_step`` before the end
+    saves a checkpoint instead of the final adapter; the end writes the final checkpoint, the adapter,
+    the PEFT export and ``complete.json``."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -214,11 +215,17 @@ def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike 
     schedulers = [lr_scheduler(o, data.total_steps, t.warmup_ratio) for o in torch_optimizers]
     forward_backward = get_forward_backward_func()
     seed_dropout_streams(t.seed)  # after the adapter init, which draws from the CPU generator on every layout
-    start = 0
-    if resume is not None:
-        start = load_checkpoint(recipe, checkpoint_root(recipe.output.dir) if resume == "latest" else Path(resume),
-                                chunks, torch_optimizers, schedulers, parallel_state)
+    identity = run_identity(recipe, data.sha256)
+    stop_request = StopRequest(recipe.output.stop_signals, stop_file_path(recipe, control_dir), recipe.output.max_minutes)
+    start = resumed_from = 0
     stop = data.total_steps if stop_step is None else min(data.total_steps, stop_step)
+    tag_dir = resume_directory(recipe, resume, stop, identity)
+    if tag_dir is not None:
+        start = resumed_from = load_checkpoint(recipe, identity, tag_dir, chunks, torch_optimizers, schedulers,
+                                               parallel_state)
+
+    def save(step):
+        return save_checkpoint(recipe, identity, step, chunks, torch_optimizers, schedulers, parallel_state)
 
     def step_fn(step, global_batch) -> StepResult:
         micro = [data.samples(indices) for indices in micro_batches_for_rank(global_batch, t.micro_batch_size,
@@ -257,14 +264,16 @@ def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike 
     logs = pp_rank == mg.pipeline_model_parallel_size - 1 and tp_rank == 0 and dp_rank == 0
     writer = MetricsWriter(recipe.output.dir, stop, start, enabled=logs, progress=progress, desc="megatron")
     try:
-        rows = run_steps(data, step_fn, start, stop, dist.get_world_size(), writer, recipe.output.save_every,
-                         lambda step: save_checkpoint(recipe, step, chunks, torch_optimizers, schedulers,
-                                                      parallel_state))
+        result = run_steps(data, step_fn, start, stop, dist.get_world_size(), writer, recipe.output.save_every, save,
+                           stop_request)
     finally:
         writer.close()
+    if result.stopped_step is not None:
+        return preempted(recipe, control_dir, result, stop_request)
+    if resumed_from != stop:  # the checkpoint at the stop (or the end), unless the run resumed from it
+        save(stop)
     if stop < data.total_steps:  # stopped early: a checkpoint to resume from, not the final adapter
-        save_checkpoint(recipe, stop, chunks, torch_optimizers, schedulers, parallel_state)
-        return rows
+        return 0
     adapter = gather_hf_adapter(chunks)
     if adapter is not None and recipe.output.save_adapter:
         out_dir = Path(recipe.output.dir)
@@ -272,5 +281,7 @@ def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike 
         save_adapter(hf_model, out_dir / "adapter")
         if recipe.output.export_peft:
             export_peft_lora(hf_model, out_dir / "peft_adapter", base_model_name_or_path=recipe.model.path)
+    if dist.get_rank() == 0:
+        mark_complete(recipe.output.dir, recipe, data.total_steps)
     dist.barrier()
-    return rows
+    return 0

@@ -14,6 +14,7 @@ Micro-batch ``j`` of a global step is the ``j``-th slice of ``micro_batch_size``
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,7 @@ class TrainingData:
     group_by_length: bool
     steps_per_epoch: int
     total_steps: int
+    sha256: str = ""
     _plan: tuple = field(default=(None, None), repr=False)
 
     def global_batch(self, step: int) -> np.ndarray:
@@ -204,4 +206,16 @@ def prepare_training_data(recipe: Recipe, tokenizer, rank: int = 0, barrier: Cal
     lengths = np.array([len(ids) for ids in dataset["input_ids"]])
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     return TrainingData(dataset, lengths, t.global_batch_size, t.seed, recipe.data.group_by_length, steps_per_epoch,
-                        total_steps)
+                        total_steps, tokenised_sha256(dataset, lengths))
+
+
+def tokenised_sha256(dataset, lengths: np.ndarray) -> str:
+    """sha256 of every sample's length, tokens and labels, in order (what a resume must see again)."""
+    import pyarrow.compute as pc
+
+    sha = hashlib.sha256(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
+    for table in dataset.with_format("arrow").iter(batch_size=65536):
+        for column in ("input_ids", "labels"):
+            values = pc.list_flatten(table.column(column)).to_numpy()
+            sha.update(np.ascontiguousarray(values, dtype=np.int64).tobytes())
+    return sha.hexdigest()

@@ -94,13 +94,20 @@ class TrainSection:
 
 @dataclass
 class OutputSection:
-    """``dir``: run directory (metrics.csv, checkpoints/, adapter/, peft_adapter/)."""
+    """``dir``: run directory (metrics.csv, checkpoints/, adapter/, peft_adapter/). ``save_every``: a
+    checkpoint every N optimizer steps; ``keep_last``: keep the N newest (pruned only after a new one is
+    verified; None keeps all). ``stop_signals``: signals on which every rank finishes its step, the run
+    checkpoints and exits with status 99 (SLURM's time-limit / preemption warnings); ``max_minutes``: the
+    same after this much wall time (Megatron-LM's ``--exit-duration-in-mins``)."""
 
     dir: str = "runs/pretrain_rasa"
     save_every: int | None = None
+    keep_last: int | None = None
     log_every: int = 1
     save_adapter: bool = True
     export_peft: bool = True
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -177,7 +184,7 @@ def _build_section(name: str, cls, values, where: str):
 
 # YAML 1.1 reads ``3e-4`` (no dot) as a string; accept it as the number the user meant
 _FLOAT_KEYS = {"train": ("lr", "weight_decay", "warmup_ratio", "max_grad_norm", "epochs"),
-               "adapter": ("alpha", "dropout")}
+               "adapter": ("alpha", "dropout"), "output": ("max_minutes",)}
 
 
 def _as_float(value, key: str, where: str):
@@ -316,6 +323,7 @@ def validate_recipe(recipe: Recipe, world_size: int, require_data: bool = True) 
         raise RecipeError(f"train.betas must be two numbers in [0, 1), got {t.betas!r}")
     if not 0 <= t.warmup_ratio < 1:
         raise RecipeError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio!r}")
+    _validate_output(recipe.output)
     if recipe.engine == "megatron":
         return t.global_batch_size // per_step
     if recipe.deepspeed is None:
@@ -327,6 +335,23 @@ def validate_recipe(recipe: Recipe, world_size: int, require_data: bool = True) 
     except json.JSONDecodeError as err:
         raise RecipeError(f"deepspeed config {recipe.deepspeed!r} is not valid JSON: {err}") from err
     return t.global_batch_size // per_step
+
+
+def _validate_output(o: OutputSection) -> None:
+    from .control import signal_numbers
+
+    for name in ("save_every", "keep_last"):
+        value = getattr(o, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RecipeError(f"output.{name} must be a positive integer or null, got {value!r}")
+    if not isinstance(o.stop_signals, list):
+        raise RecipeError(f"output.stop_signals must be a list of signal names, got {o.stop_signals!r}")
+    try:
+        signal_numbers(o.stop_signals)
+    except ValueError as err:
+        raise RecipeError(f"output.stop_signals: {err}") from err
+    if o.max_minutes is not None and not (isinstance(o.max_minutes, (int, float)) and o.max_minutes > 0):
+        raise RecipeError(f"output.max_minutes must be a positive number or null, got {o.max_minutes!r}")
 
 
 def _validate_megatron(recipe: Recipe, world_size: int) -> int:

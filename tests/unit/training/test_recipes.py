@@ -76,6 +76,8 @@ def _good(tmp_path):
     (lambda d: d.update(adapter={"method": "dora"}), "adapter.method='dora'"),
     (lambda d: d.update(adapter={"r": 4, "k": 5}), "0 <= k <= r=4, got k=5"),
     (lambda d: d["model"].update(path="/nonexistent/model"), "model.path '/nonexistent/model' does not exist"),
+    (lambda d: d.update(output={"keep_last": 0}), "output.keep_last must be a positive integer or null, got 0"),
+    (lambda d: d.update(output={"stop_signals": ["SIGFOO"]}), "output.stop_signals: 'SIGFOO' is not a signal"),
 ])
 def test_bad_config_exits_2_before_any_work(tmp_path, mutate, message):
     data = _good(tmp_path)
@@ -100,7 +102,9 @@ def test_recipe_overrides_and_good_recipe_validate(tmp_path):
 
 
 FAKE_SCONTROL = r'''#!/usr/bin/env python3
-import re, sys
+import os, re, sys
+if sys.argv[1] == "requeue":  # stands in for SLURM's requeue: record it
+    open(os.environ["REQUEUED"], "a").write(" ".join(sys.argv[1:]) + "\n"); sys.exit(0)
 assert sys.argv[1:3] == ["show", "hostnames"], sys.argv
 for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", sys.argv[3]):
     m = re.fullmatch(r"(.*)\[(.*)\]", part)
@@ -139,7 +143,8 @@ def test_slurm_templates_render_hostfile_and_command(tmp_path, template, config)
     else:
         assert command.startswith(f"deepspeed --num_nodes 8 --num_gpus 8 --hostfile {tmp_path / 'run' / 'hostfile'}")
         assert f"--master_addr gpu001 --master_port {port}" in command
-    assert command.endswith(f"examples/pretrain_rasa.py --config examples/configs/{config} --set train.lr=1e-4")
+    assert command.endswith(f"examples/pretrain_rasa.py --config examples/configs/{config} --resume auto "
+                            f"--control-dir {tmp_path / 'run'} --set train.lr=1e-4")
 
 
 def test_slurm_template_refuses_inconsistent_allocation(tmp_path):
@@ -193,3 +198,42 @@ def test_megatron_moe_layout_is_validated():
         validate_recipe(mixtral, world_size=64, require_data=False)
     mixtral.megatron.sequence_parallel = True
     assert validate_recipe(mixtral, world_size=64, require_data=False) == 192 // 32
+
+
+STOPPABLE_RUN = r"""
+import json, os, pathlib, sys, time
+run = pathlib.Path(os.environ["RUN_DIR"])
+(run / "started").touch()
+while not (run / "STOP").exists():  # what every training rank checks after its optimizer step
+    time.sleep(0.05)
+(run / "preempted.json").write_text(json.dumps({"step": 3, "reason": "stop file"}))
+sys.exit(99)
+"""
+
+
+def test_slurm_templates_turn_the_time_limit_signal_into_a_checkpoint_and_a_requeue(tmp_path):
+    """The templates' run_with_requeue: USR1 to the batch shell (SLURM's --signal=B:USR1@120) becomes the
+    STOP file the training ranks poll; once the run has stopped and written preempted.json, the job is
+    requeued (scontrol requeue <job id>) and the script exits 0. The training command here is a stand-in
+    that honours the stop file as the ranks do (the engines' own stop handling is tested in
+    tests/distributed/test_fault_tolerance.py)."""
+    import signal
+    import time
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "scontrol").write_text(FAKE_SCONTROL)
+    (bindir / "scontrol").chmod(0o755)
+    run = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[001-002]",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "77", "RUN_DIR": str(run), "REQUEUED": str(tmp_path / "requeued")}
+    script = f"source {ROOT / 'examples' / 'slurm' / '_common.sh'}; run_with_requeue {sys.executable} -c '{STOPPABLE_RUN}'"
+    shell = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (run / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shell.send_signal(signal.SIGUSR1)
+    out, err = shell.communicate(timeout=60)
+    assert shell.returncode == 0, err
+    assert (tmp_path / "requeued").read_text() == "requeue 77\n" and "requeueing job 77" in out
+    assert (run / "STOP").exists()

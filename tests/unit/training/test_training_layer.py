@@ -7,9 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from rasa_megatron.training.checkpoint import (atomic_write_text, check_resume_compatible, check_resume_recipe,
-                                               checkpoint_root, resolve_checkpoint, step_tag, write_latest,
-                                               write_recipe_record)
+from rasa_megatron.training.checkpoint import (atomic_write_text, check_resume_compatible, checkpoint_root,
+                                               resolve_checkpoint, step_tag, write_latest)
 from rasa_megatron.training.data import TrainingData, global_batch_plan
 from rasa_megatron.training.loop import StepResult, run_steps
 from rasa_megatron.training.metrics import METRIC_FIELDS, MetricsWriter, step_row
@@ -56,7 +55,7 @@ def test_checkpoint_naming_latest_and_resolution(tmp_path):
     root = checkpoint_root(tmp_path)
     assert root == tmp_path / "checkpoints" and step_tag(42) == "step0000042"
     (root / "step0000004").mkdir(parents=True)
-    (root / "step0000004" / "layout.json").write_text("{}")
+    (root / "step0000004" / "manifest.json").write_text("{}")
     write_latest(root, "step0000004")
     assert (root / "latest").read_text() == "step0000004"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step0000004"]  # no temporary left
@@ -69,20 +68,10 @@ def test_checkpoint_naming_latest_and_resolution(tmp_path):
         resolve_checkpoint(root)
 
 
-def test_resume_checks_name_every_difference(tmp_path):
+def test_resume_checks_name_every_difference():
     with pytest.raises(SystemExit, match=r"cannot resume: another layout \(tp 2 -> 1, pp 1 -> 2\)"):
         check_resume_compatible({"tp": 2, "pp": 1, "dp": 4}, {"tp": 1, "pp": 2, "dp": 4}, "another layout")
     check_resume_compatible({"tp": 2}, {"tp": 2}, "unused")
-    recipe = Recipe()
-    write_recipe_record(tmp_path, recipe)
-    assert json.loads((tmp_path / "recipe.json").read_text())["train"]["global_batch_size"] == 192
-    check_resume_recipe(tmp_path, recipe)
-    recipe.train.global_batch_size, recipe.adapter.r = 96, 8
-    with pytest.raises(SystemExit, match=r"train.global_batch_size 192 -> 96, adapter.r 16 -> 8"):
-        check_resume_recipe(tmp_path, recipe)
-    recipe.train.global_batch_size, recipe.adapter.r, recipe.train.lr = 192, 16, 1.0  # lr may change on resume
-    check_resume_recipe(tmp_path, recipe)
-    check_resume_recipe(tmp_path / "no_record", recipe)  # checkpoints without a record are not checked
 
 
 def _data(lengths, global_batch=4, steps_per_epoch=None, total=7, group_by_length=False):
@@ -114,7 +103,7 @@ def test_step_loop_logs_each_step_and_saves_at_multiples_below_the_stop(tmp_path
         return StepResult(loss=float(step), grad_norm=0.5, lr=0.1 * step)
 
     writer = MetricsWriter(tmp_path, total_steps=6, initial_step=1, progress=False)
-    rows = run_steps(data, step_fn, start=1, stop=6, world_size=2, writer=writer, save_every=2, save_fn=saved.append)
+    rows = run_steps(data, step_fn, start=1, stop=6, world_size=2, writer=writer, save_every=2, save_fn=saved.append).rows
     writer.close()
     assert [s for s, _ in seen] == [1, 2, 3, 4, 5] and saved == [2, 4]  # 6 is the caller's (stop)
     assert all(batch == tuple(data.global_batch(s)) for s, batch in seen)
@@ -122,6 +111,28 @@ def test_step_loop_logs_each_step_and_saves_at_multiples_below_the_stop(tmp_path
     assert [r["tokens"] for r in rows] == [data.tokens(data.global_batch(s)) for s in range(1, 6)]
     assert [r["loss"] for r in rows] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert [int(r["step"]) for r in _rows(tmp_path / "metrics.csv")] == [2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("request_at,want_saved", [(3, [2, 4]), (4, [2, 4, 5])])
+def test_a_stop_request_ends_the_loop_after_a_checkpoint_of_that_step(tmp_path, request_at, want_saved):
+    """A stop file appearing during step ``request_at`` (0-based): the loop finishes that step, writes its
+    checkpoint unless the periodic one just did, and returns the step it stopped after."""
+    from rasa_megatron.training.control import StopRequest
+
+    data = _data(np.arange(1, 13), total=8)
+    saved = []
+
+    def step_fn(step, global_batch):
+        if step == request_at:
+            (tmp_path / "STOP").touch()
+        return StepResult(loss=1.0, grad_norm=0.5, lr=0.1)
+
+    writer = MetricsWriter(tmp_path, total_steps=8, progress=False)
+    result = run_steps(data, step_fn, 0, 8, 1, writer, save_every=2, save_fn=saved.append,
+                       stop_request=StopRequest([], tmp_path / "STOP"))
+    writer.close()
+    assert result.stopped_step == request_at + 1 and saved == want_saved
+    assert [r["step"] for r in result.rows] == list(range(1, request_at + 2))
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
