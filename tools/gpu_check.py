@@ -10,16 +10,28 @@ Cases (tiny Llama / tiny Mixtral with RaSA r=4 k=1, 3 optimizer steps of 8 sampl
   RNG tracker, SP off) and with Megatron's own DotProductAttention on the tiny Mixtral (its tracker fork
   with SP off). Plus: ``apply_rasa`` on a CUDA model draws the CPU model's adapter.
 
+Every run is one process (world size 1, no torchrun, 127.0.0.1), killed with its process group after
+``--case-timeout``; the fp32 CPU references run in parallel while DeepSpeed's ops build in the background;
+cases left when ``--budget`` is spent are reported as skipped; ``gpu_check.json`` is rewritten after
+every case, so a run cut short still reports what it finished. Logs: ``gpu_check.log`` (GPU runs),
+``ref_*.log`` (CPU references), ``deepspeed_ops_build.log``.
+
 ``--cpu`` runs every case on the CPU instead (fp32 against fp32): a check of this script itself.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import json
+import math
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -93,18 +105,46 @@ def recipe(paths: dict, out: Path, model: str, precision: str, optimizer: str, d
     return path
 
 
-def launch(recipe_path: Path, gpu: bool, *extra: str, log: Path) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "4", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(recipe_path: Path, gpu: bool, *extra: str, log: Path, timeout: float) -> tuple[float, int]:
+    """One single-process run (world size 1, without torchrun: no hostname lookup on an offline machine);
+    returns (seconds, exit status). On ``timeout`` the run's whole process group is killed (a JIT build
+    left half done would hold torch's build lock for the next case)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "4", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(SCRIPT),
-               "--config", str(recipe_path), *extra]
+    command = [sys.executable, str(SCRIPT), "--config", str(recipe_path), *extra]
     started = time.perf_counter()
     with open(log, "a") as handle:
-        proc = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}); see {log}")
-    return time.perf_counter() - started
+        handle.write(f"\n=== {' '.join(command)}\n")
+        handle.flush()
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            status = proc.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"timed out after {timeout:.0f} s: {' '.join(command)}; see {log}") from None
+    return time.perf_counter() - started, status
+
+
+def prebuild_deepspeed_ops(log: Path) -> subprocess.Popen:
+    """JIT-build DeepSpeed's fused Adam / Lion and CPU Adam in the background (minutes on a fresh
+    machine) while the CPU references run; a case that needs an op waits on torch's build lock."""
+    code = ("from deepspeed.accelerator import get_accelerator\n"
+            "for name in ('FusedAdamBuilder', 'FusedLionBuilder', 'CPUAdamBuilder'):\n"
+            "    get_accelerator().create_op_builder(name).load()\n    print('built', name, flush=True)\n")
+    handle = open(log, "a")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
+                            start_new_session=True)
 
 
 def metrics(out: Path) -> dict:
@@ -114,7 +154,11 @@ def metrics(out: Path) -> dict:
 
 
 def worst_rel(got: list, want: list) -> float:
-    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(got, want)) if len(got) == len(want) else float("inf")
+    """The largest relative distance; inf for a length mismatch or any non-finite value (a NaN would
+    otherwise vanish in max)."""
+    if len(got) != len(want) or not all(math.isfinite(v) for v in [*got, *want]):
+        return float("inf")
+    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(got, want))
 
 
 CASES = {  # name: (model, optimizer, deepspeed config or None, megatron section or None)
@@ -146,10 +190,31 @@ def adapter_init_on_cuda() -> dict:
     return {"max_abs_diff": worst, "passed": worst == 0.0}
 
 
+def environment(gpu: bool) -> dict:
+    """What the machine has: versions of what the check depends on, and Python.h (the op builds need it)."""
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "deepspeed", "megatron-core", "datasets", "pydantic",
+                 "typing_extensions", "packaging", "safetensors", "tokenizers", "ninja"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return {"device": torch.cuda.get_device_name() if gpu else "cpu", "python": sys.version.split()[0],
+            "python_h": os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
+            "cuda_home": os.environ.get("CUDA_HOME") or shutil.which("nvcc"), "versions": versions}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     parser.add_argument("--work", default="/tmp/rasa_gpu_check")
+    parser.add_argument("--budget", type=float, default=480.0,
+                        help="seconds for all cases; the cases left when it is spent are reported as skipped")
+    parser.add_argument("--case-timeout", type=float, default=240.0, help="seconds for one run")
     parser.add_argument("--cpu", action="store_true", help="run the 'GPU' cases on the CPU (checks this script)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -161,54 +226,93 @@ def main(argv=None) -> int:
         return 2
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # a rerun on a warm machine must not resume the last run's output
     log = out / "gpu_check.log"
     started = time.perf_counter()
-    paths = workspace(work / "workspace")
-    summary = {"device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
-               "tolerances": {"loss_rtol": LOSS_RTOL, "grad_norm_rtol": NORM_RTOL}, "cases": {}}
-    references = {}
-    for name, (model, optimizer, ds, mg) in CASES.items():
-        key = (model, optimizer, mg is None)
-        case = {}
-        if not gpu and mg is not None and mg.get("attention") == "local":
-            summary["cases"][name] = {"passed": True, "skipped": "Megatron's DotProductAttention needs CUDA"}
-            continue
-        try:
-            if key not in references:  # the fp32 CPU run of the same recipe
-                ref_out = work / f"ref_{model}_{optimizer}_{'ds' if mg is None else 'mg'}"
-                ref_mg = None if mg is None else {**mg, "attention": "sdpa"}
-                references[key] = launch(recipe(paths, ref_out, model, "fp32", optimizer,
-                                                "ds_zero3.json" if mg is None else None, ref_mg), False, log=log), \
-                    metrics(ref_out)
-            run_out = work / name
-            seconds = launch(recipe(paths, run_out, model, "bf16" if gpu else "fp32", optimizer, ds, mg), gpu, log=log)
-            got, want = metrics(run_out), references[key][1]
-            case = {"seconds": round(seconds, 1), "losses": got["loss"], "reference_losses": want["loss"],
-                    "loss_rel": worst_rel(got["loss"], want["loss"]),
-                    "grad_norm_rel": worst_rel(got["grad_norm"], want["grad_norm"]),
-                    "peak_gpu_mem_mib": max(got["peak_mem_mib"]) if gpu else None}
-            case["passed"] = case["loss_rel"] <= LOSS_RTOL and case["grad_norm_rel"] <= NORM_RTOL
-        except Exception as err:  # noqa: BLE001 - a failed case is reported, the others still run
-            case = {"passed": False, "error": str(err)}
+    deadline = started + args.budget
+    summary = {**environment(gpu), "tolerances": {"loss_rtol": LOSS_RTOL, "grad_norm_rtol": NORM_RTOL},
+               "cases": {}}
+
+    def save() -> None:  # after every case: a run cut short still reports what it finished
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        summary["passed"] = bool(summary["cases"]) and all(c.get("passed") for c in summary["cases"].values())
+        tmp = out / "gpu_check.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out / "gpu_check.json")
+
+    def record(name: str, case: dict) -> None:
         summary["cases"][name] = case
         print(f"{name}: {json.dumps(case)}", flush=True)
+        save()
+
+    def timeout() -> float:
+        return min(args.case_timeout, deadline - time.perf_counter())
+
+    save()
+    paths = workspace(work / "workspace")
+    builder = prebuild_deepspeed_ops(out / "deepspeed_ops_build.log") if gpu else None
+    # the fp32 CPU references, all at once (the GPU machine has 16 cores), while the ops build
+    ref_dirs = {}
+    for model, optimizer, ds, mg in CASES.values():
+        key = (model, optimizer, mg is None)
+        if key not in ref_dirs:
+            ref_dirs[key] = work / f"ref_{model}_{optimizer}_{'ds' if mg is None else 'mg'}"
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(ref_dirs) if gpu else 1)
+    references = {key: pool.submit(launch, recipe(paths, ref_out, key[0], "fp32", key[1],
+                                                  "ds_zero3.json" if key[2] else None,
+                                                  None if key[2] else {"attention": "sdpa"}),
+                                   False, log=out / f"{ref_out.name}.log", timeout=args.case_timeout)
+                  for key, ref_out in ref_dirs.items()}
+    for name, (model, optimizer, ds, mg) in CASES.items():
+        if not gpu and mg is not None and mg.get("attention") == "local":
+            record(name, {"passed": True, "skipped": "Megatron's DotProductAttention needs CUDA"})
+            continue
+        if timeout() < 30:
+            record(name, {"passed": False, "skipped": f"the time budget ({args.budget:.0f} s) is spent"})
+            continue
+        try:
+            run_out = work / name
+            seconds, status = launch(recipe(paths, run_out, model, "bf16" if gpu else "fp32", optimizer, ds, mg), gpu,
+                                     log=log, timeout=timeout())
+            key = (model, optimizer, mg is None)
+            _, ref_status = references[key].result(timeout=max(1.0, deadline - time.perf_counter()))
+            if ref_status != 0:
+                raise RuntimeError(f"the CPU reference run failed ({ref_status}); see {out / ref_dirs[key].name}.log")
+            if not (run_out / "metrics.csv").is_file():
+                raise RuntimeError(f"the run failed ({status}) before its first step; see {log}")
+            got, want = metrics(run_out), metrics(ref_dirs[key])
+            case = {"seconds": round(seconds, 1), "exit_status": status, "losses": got["loss"],
+                    "reference_losses": want["loss"], "loss_rel": worst_rel(got["loss"], want["loss"]),
+                    "grad_norm_rel": worst_rel(got["grad_norm"], want["grad_norm"]),
+                    "peak_gpu_mem_mib": max(got["peak_mem_mib"]) if gpu else None}
+            case["passed"] = status == 0 and case["loss_rel"] <= LOSS_RTOL and case["grad_norm_rel"] <= NORM_RTOL
+        except Exception as err:  # noqa: BLE001 - a failed case is reported, the others still run
+            case = {"passed": False, "error": str(err)}
+        record(name, case)
     # --portable resume: stop after 2 of 3 steps, resume from the world-size-independent state
     try:
+        if timeout() < 60:
+            raise RuntimeError(f"skipped: the time budget ({args.budget:.0f} s) is spent")
         part = work / "portable"
         path = recipe(paths, part, "llama", "bf16" if gpu else "fp32", "adamw", "ds_zero3.json")
-        launch(path, gpu, "--stop-after", "2", log=log)
-        launch(path, gpu, "--resume", "--portable", log=log)
+        statuses = [launch(path, gpu, "--stop-after", "2", log=log, timeout=timeout())[1]]
+        statuses.append(launch(path, gpu, "--resume", "--portable", log=log, timeout=timeout())[1])
         got, full = metrics(part), metrics(work / "zero3_fused_adam")
-        summary["cases"]["zero3_portable_resume"] = {
-            "losses": got["loss"], "uninterrupted_losses": full["loss"], "loss_rel": worst_rel(got["loss"], full["loss"]),
-            "passed": worst_rel(got["loss"], full["loss"]) <= 1e-3}
+        record("zero3_portable_resume", {"exit_statuses": statuses, "losses": got["loss"],
+                                         "uninterrupted_losses": full["loss"],
+                                         "loss_rel": worst_rel(got["loss"], full["loss"]),
+                                         "passed": statuses == [0, 0] and worst_rel(got["loss"], full["loss"]) <= 1e-3})
     except Exception as err:  # noqa: BLE001
-        summary["cases"]["zero3_portable_resume"] = {"passed": False, "error": str(err)}
+        record("zero3_portable_resume", {"passed": False, "error": str(err)})
     if gpu:
-        summary["cases"]["adapter_init_on_cuda"] = adapter_init_on_cuda()
-    summary["seconds"] = round(time.perf_counter() - started, 1)
-    summary["passed"] = all(case.get("passed") for case in summary["cases"].values())
-    (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
+        try:
+            record("adapter_init_on_cuda", adapter_init_on_cuda())
+        except Exception as err:  # noqa: BLE001
+            record("adapter_init_on_cuda", {"passed": False, "error": str(err)})
+    pool.shutdown(wait=False, cancel_futures=True)
+    if builder is not None and builder.poll() is None:
+        os.killpg(builder.pid, signal.SIGKILL)
+    save()
     print(json.dumps({name: case.get("passed") for name, case in summary["cases"].items()}))
     return 0 if summary["passed"] else 1
 

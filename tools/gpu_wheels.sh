@@ -15,7 +15,7 @@ PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_35_x86_64)
 for pkg in megatron-core datasets dill multiprocess hjson pydantic pydantic-core annotated-types \
-           typing-inspection lion-pytorch; do
+           typing-inspection typing-extensions packaging lion-pytorch; do
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${PLATFORMS[@]}" -d "$DEST" "$pkg==$(version "$pkg")"
 done
