@@ -131,6 +131,8 @@ def setup(recipe: Recipe, dist_backend: str | None = None, resident_pools: bool 
     import deepspeed
 
     backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():  # before the process group and the first barrier: one GPU per local rank
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend=backend)
     rank, world_size = world()
     grad_accum = validate_recipe(recipe, world_size)

@@ -182,12 +182,12 @@ def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike 
     if recipe.megatron.attention == "local" and not cuda:
         raise SystemExit("error: megatron.attention: local is Megatron's DotProductAttention, which needs CUDA; "
                          "on this machine use megatron.attention: sdpa")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
+    if cuda:  # before the process group: NCCL binds each rank to its current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         enable_cpu_megatron()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
     mg, t = recipe.megatron, recipe.train
     vpp = mg.virtual_pipeline_model_parallel_size
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=mg.tensor_model_parallel_size,
