@@ -22,7 +22,7 @@ from ..inject import rasa_config_of
 from ..training.checkpoint import atomic_write_text, checkpoint_root, save_checkpoint_dir
 from ..training.control import StopRequest
 from ..training.data import TrainingData, collate, load_tokenizer, micro_batches_for_rank, prepare_training_data
-from ..training.identity import check_resume_identity, mark_complete, run_identity, write_run_record
+from ..training.identity import mark_complete, run_identity, write_run_record
 from ..training.loop import LoopResult, StepResult, preempted, resume_directory, run_steps, stop_file_path
 from ..training.metrics import MetricsWriter
 from ..training.model import build_hf_model
@@ -184,13 +184,12 @@ def save_checkpoint(state: TrainState, step: int) -> Path:
 
 
 def load_checkpoint(state: TrainState, tag_dir: Path, portable: bool = False) -> int:
-    """Restore ``tag_dir`` (chosen and verified by :func:`select_checkpoint`); returns the global step to
-    continue from. Adapters: the portable state (nothing unpickled), and each rank's RNG when the world
+    """Restore ``tag_dir`` (chosen, verified and identity-checked by :func:`resume_directory`); returns
+    the global step to continue from. Adapters: the portable state (nothing unpickled), and each rank's RNG when the world
     size is the one that wrote it; another world size needs ``portable`` (the per-rank dropout streams
     cannot be carried over, so the continuation is statistically, not bitwise, the same). Full
     fine-tuning: DeepSpeed's own checkpoint (its format; the same world size)."""
     rank, world_size = world()
-    check_resume_identity(tag_dir, state.identity)
     if state.recipe.rasa_config() is None:
         load_path, client = state.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if load_path is None:

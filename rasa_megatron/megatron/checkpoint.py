@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..training.checkpoint import check_resume_compatible, checkpoint_root, save_checkpoint_dir
-from ..training.identity import check_resume_identity, write_run_record
+from ..training.identity import write_run_record
 from ..training.rng import rng_state, set_rng_state
 from ..training.state_io import load_state, read_json, save_state, write_json
 
@@ -65,17 +65,15 @@ def save_checkpoint(recipe, identity: dict, step: int, chunks: list, optimizers:
     return save_checkpoint_dir(checkpoint_root(recipe.output.dir), step, write, recipe.output.keep_last)
 
 
-def load_checkpoint(recipe, identity: dict, tag_dir: Path, chunks: list, optimizers: list, schedulers: list,
-                    parallel_state) -> int:
-    """Restore ``tag_dir`` (chosen and verified by ``select_checkpoint``) on the same layout; returns the
-    global step to continue from. Refuses another layout, model, data set or RaSA config, naming it."""
+def load_checkpoint(recipe, tag_dir: Path, chunks: list, optimizers: list, schedulers: list, parallel_state) -> int:
+    """Restore ``tag_dir`` (chosen, verified and identity-checked by ``resume_directory``) on the same
+    layout; returns the global step to continue from. Refuses another layout or adapter shape, naming it."""
     from megatron.core import tensor_parallel
 
     tag_dir = Path(tag_dir)
     if not (tag_dir / LAYOUT_FILE).is_file():
         raise SystemExit(f"error: cannot resume: {tag_dir} is not a Megatron-engine checkpoint (no {LAYOUT_FILE})")
     check_resume_layout(read_json(tag_dir / LAYOUT_FILE), layout(parallel_state, recipe.megatron.use_distributed_optimizer))
-    check_resume_identity(tag_dir, identity)
     state = load_state(tag_dir, _rank_name())
     params = adapter_parameters(chunks)
     if set(params) != set(state["adapter"]):

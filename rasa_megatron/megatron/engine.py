@@ -221,8 +221,7 @@ def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike 
     stop = data.total_steps if stop_step is None else min(data.total_steps, stop_step)
     tag_dir = resume_directory(recipe, resume, stop, identity)
     if tag_dir is not None:
-        start = resumed_from = load_checkpoint(recipe, identity, tag_dir, chunks, torch_optimizers, schedulers,
-                                               parallel_state)
+        start = resumed_from = load_checkpoint(recipe, tag_dir, chunks, torch_optimizers, schedulers, parallel_state)
 
     def save(step):
         return save_checkpoint(recipe, identity, step, chunks, torch_optimizers, schedulers, parallel_state)
