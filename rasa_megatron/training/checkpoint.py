@@ -80,12 +80,14 @@ def write_latest(root: str | os.PathLike, tag: str) -> None:
     atomic_write_text(Path(root) / LATEST, tag)
 
 
-def _files(directory: Path) -> list[str]:
+def directory_files(directory: Path, manifest: str = MANIFEST) -> list[str]:
+    """Relative paths of the files under ``directory`` (not ``manifest``, not ``*.tmp``), sorted."""
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+                  if p.is_file() and p.name != manifest and not p.name.endswith(".tmp"))
 
 
-def _digest(path: Path) -> dict:
+def file_digest(path: Path) -> dict:
+    """``{"size", "sha256"}`` of ``path`` (read in 4 MiB chunks; the file is fsynced on the way)."""
     sha = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
@@ -100,11 +102,11 @@ def write_manifest(tag_dir: str | os.PathLike) -> dict:
     hash raises OSError on every rank (naming it). Returns the manifest."""
     tag_dir = Path(tag_dir)
     rank, world = _rank_world()
-    files = _gather(_files(tag_dir) if rank == 0 else None)[0]
+    files = _gather(directory_files(tag_dir) if rank == 0 else None)[0]
     mine, errors = {}, []
     for name in files[rank::world]:
         try:
-            mine[name] = _digest(tag_dir / name)
+            mine[name] = file_digest(tag_dir / name)
         except OSError as err:
             errors.append(f"{tag_dir / name}: {err}")
     parts = _gather((mine, errors))
@@ -117,14 +119,14 @@ def write_manifest(tag_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def _check_file(path: Path, want) -> str | None:
+def check_file(path: Path, want) -> str | None:
     """What is wrong with ``path`` against its manifest entry ``want`` (None when it matches)."""
     try:
         if not path.is_file():
             return f"{path} is missing"
         if path.stat().st_size != want["size"]:
             return f"{path} has {path.stat().st_size} bytes, the manifest says {want['size']}"
-        if _digest(path)["sha256"] != want["sha256"]:
+        if file_digest(path)["sha256"] != want["sha256"]:
             return f"{path} does not match its sha256 in the manifest"
     except (OSError, KeyError, TypeError) as err:
         return f"{path} cannot be checked ({err.__class__.__name__}: {err})"
@@ -144,7 +146,7 @@ def verify_checkpoint(tag_dir: str | os.PathLike) -> list[str]:
         problems.append(f"{tag_dir / MANIFEST} is missing or unreadable ({err.__class__.__name__}): an interrupted save")
         entries = []
     for name, want in entries[rank::world]:
-        problem = _check_file(tag_dir / name, want)
+        problem = check_file(tag_dir / name, want)
         if problem:
             problems.append(problem)
     return sorted({p for part in _gather(problems) for p in part})
