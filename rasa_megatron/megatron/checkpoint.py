@@ -1,8 +1,9 @@
 """The Megatron engine's resume checkpoints: per-rank adapter shards, optimizer, scheduler and RNG,
 on the layout that wrote them (for resharding use Megatron's dist checkpoint, see sharding.py).
 
-``checkpoints/step{N:07d}/rank{rank:05d}.safetensors`` + ``.json`` per rank (nothing pickled), then
-(rank 0) ``layout.json`` and the run's records, through the shared save protocol (verified manifest,
+``checkpoints/step{N:07d}/rank{rank:05d}.safetensors`` + ``.json`` per rank (nothing pickled) and
+``rank{rank:05d}.pieces.json`` (where its adapter tensors go in the HF adapter, so the checkpoint converts
+offline, see ``convert/megatron_checkpoint.py``), then (rank 0) ``layout.json`` and the run's records, through the shared save protocol (verified manifest,
 ``latest`` last, ``output.keep_last``).
 """
 from __future__ import annotations
@@ -12,12 +13,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..convert.megatron_checkpoint import LAYOUT_FILE, PIECES_SUFFIX, rank_name
 from ..training.checkpoint import check_resume_compatible, checkpoint_root, save_checkpoint_dir
 from ..training.identity import write_run_record
 from ..training.rng import rng_state, set_rng_state
 from ..training.state_io import load_state, read_json, save_state, write_json
-
-LAYOUT_FILE = "layout.json"
+from .hf_adapter import piece_records
 
 
 def layout(parallel_state, distributed_optimizer: bool) -> dict:
@@ -42,7 +43,7 @@ def adapter_parameters(chunks: list) -> dict[str, torch.nn.Parameter]:
 
 
 def _rank_name() -> str:
-    return f"rank{dist.get_rank():05d}"
+    return rank_name(dist.get_rank())
 
 
 def save_checkpoint(recipe, identity: dict, step: int, chunks: list, optimizers: list, schedulers: list,
@@ -58,6 +59,8 @@ def save_checkpoint(recipe, identity: dict, step: int, chunks: list, optimizers:
                  "rng": {**rng_state(), "megatron_tracker": tensor_parallel.get_cuda_rng_tracker().get_states()},
                  "adapter": {name: p.detach() for name, p in adapter_parameters(chunks).items()}}
         save_state(directory, _rank_name(), state)
+        names = {id(p): f"adapter.{name}" for name, p in adapter_parameters(chunks).items()}
+        write_json(directory / f"{_rank_name()}{PIECES_SUFFIX}", piece_records(chunks, names))
         if dist.get_rank() == 0:
             write_json(directory / LAYOUT_FILE, layout(parallel_state, recipe.megatron.use_distributed_optimizer))
             write_run_record(directory, recipe, identity)

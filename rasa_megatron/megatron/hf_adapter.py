@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..convert.megatron_checkpoint import assemble_hf_adapter
 from .inject import megatron_rasa_units
 from .sharding import COLUMN
 
@@ -27,10 +28,14 @@ def load_hf_adapter_(model_chunks, hf_adapter: dict[str, torch.Tensor], layers_p
         unit.load_full_(*tensors)
 
 
-def _adapter_pieces(model_chunks) -> list[tuple]:
+def _adapter_pieces(model_chunks, clone: bool = True) -> list[tuple]:
     """This rank's adapter tensors as ``(hf key, tensor, tp dim or None, tp rank, pool rows or None,
-    layer dim of the rows, expert or None)``."""
+    layer dim of the rows, expert or None)``; ``clone=False``: the parameters themselves."""
     pieces, seen_pools = [], set()
+
+    def take(tensor):
+        return tensor.detach().cpu().clone() if clone else tensor
+
     for key, unit in megatron_rasa_units(model_chunks).items():
         index, path = key[:2]
         expert = key[2] if len(key) == 3 else None
@@ -39,27 +44,50 @@ def _adapter_pieces(model_chunks) -> list[tuple]:
         for name, dim in (("A_private", None if column else 1), ("B_private", 0 if column else None), ("diag", None)):
             tensor = getattr(unit, name)
             if tensor is not None:
-                pieces.append((f"{prefix}.{name}", tensor.detach().cpu().clone(), dim, unit.tp_rank, None, None, expert))
+                pieces.append((f"{prefix}.{name}", take(tensor), dim, unit.tp_rank, None, None, expert))
         pool = unit.pool
         if pool is not None and id(pool) not in seen_pools:
             seen_pools.add(id(pool))
             rows = pool.owned_rows()
-            pieces.append((f"rasa_pools.{path}.A_shared", pool.A_shared.detach().cpu().clone(),
-                           None if column else 1, pool.tp_rank, rows, 0, expert))
-            pieces.append((f"rasa_pools.{path}.B_shared", pool.B_shared.detach().cpu().clone(),
-                           0 if column else None, pool.tp_rank, rows, 1, expert))
+            pieces.append((f"rasa_pools.{path}.A_shared", take(pool.A_shared), None if column else 1, pool.tp_rank,
+                           rows, 0, expert))
+            pieces.append((f"rasa_pools.{path}.B_shared", take(pool.B_shared), 0 if column else None, pool.tp_rank,
+                           rows, 1, expert))
     return pieces
+
+
+def piece_records(model_chunks, parameter_names: dict[int, str]) -> list[dict]:
+    """JSON records of :func:`pieces_to_send` for a checkpoint: where each piece goes in the HF adapter
+    (``key``, TP ``dim`` and ``tp_rank``, pool ``rows`` and ``layer_dim``, ``expert``) and which saved
+    tensor holds it (``tensor``: its name in ``parameter_names``, by parameter id). An offline reader
+    feeds them to :func:`assemble_hf_adapter` without building a model."""
+    sends = _sender_filter()
+    records = []
+    for key, tensor, dim, tp_rank, rows, layer_dim, expert in _adapter_pieces(model_chunks, clone=False):
+        if not sends(expert):
+            continue
+        records.append({"key": key, "tensor": parameter_names[id(tensor)], "dim": dim, "tp_rank": tp_rank,
+                        "rows": None if rows is None else [int(r) for r in rows.tolist()],
+                        "layer_dim": layer_dim, "expert": expert})
+    return records
+
+
+def _sender_filter():
+    """``sends(expert)``: whether this rank sends a piece (dense: data-parallel rank 0, whose replica is
+    every replica's value; expert: expert-data-parallel rank 0)."""
+    from megatron.core import parallel_state
+
+    dense = parallel_state.get_data_parallel_rank() == 0
+    expert = parallel_state.get_expert_data_parallel_rank() == 0
+    return lambda piece_expert: dense if piece_expert is None else expert
 
 
 def pieces_to_send(model_chunks) -> list[tuple]:
     """This rank's share of the adapter for :func:`gather_hf_adapter`: its dense pieces when it is on
     data-parallel rank 0 (every other data-parallel replica holds the same values), its expert pieces
     when it is on expert-data-parallel rank 0 (the replica of its experts that is sent)."""
-    from megatron.core import parallel_state
-
-    dense = parallel_state.get_data_parallel_rank() == 0
-    expert = parallel_state.get_expert_data_parallel_rank() == 0
-    return [piece for piece in _adapter_pieces(model_chunks) if (dense if piece[6] is None else expert)]
+    sends = _sender_filter()
+    return [piece for piece in _adapter_pieces(model_chunks) if sends(piece[6])]
 
 
 def gather_hf_adapter(model_chunks, dst: int = 0) -> dict[str, torch.Tensor] | None:
@@ -86,45 +114,4 @@ def gather_hf_adapter(model_chunks, dst: int = 0) -> dict[str, torch.Tensor] | N
     dist.destroy_process_group(group)
     if gathered is None:
         return None
-    by_key: dict[tuple, dict] = {}
-    for rank_pieces in gathered:
-        for key, tensor, dim, tp_rank, rows, layer_dim, expert in rank_pieces:
-            slot = by_key.setdefault((key, expert), {"dim": dim, "layer_dim": layer_dim, "parts": {}})
-            row_id = None if rows is None else tuple(rows.tolist())
-            slot["parts"].setdefault(row_id, {})[tp_rank] = tensor
-    assembled: dict[tuple, torch.Tensor] = {}
-    for (key, expert), slot in by_key.items():
-        blocks = {}
-        for row_id, shards in slot["parts"].items():
-            ranks = sorted(shards)
-            if slot["dim"] is None:
-                blocks[row_id] = shards[ranks[0]]
-            else:
-                if ranks != list(range(len(ranks))):
-                    raise ValueError(f"{key}: tensor-parallel shards {ranks} are incomplete")
-                blocks[row_id] = torch.cat([shards[r] for r in ranks], dim=slot["dim"])
-        if None in blocks:
-            assembled[(key, expert)] = blocks[None]
-            continue
-        layer_dim = slot["layer_dim"]
-        total = sum(len(row_id) for row_id in blocks)
-        shape = list(next(iter(blocks.values())).shape)
-        shape[layer_dim] = total
-        full = torch.full(shape, float("nan"), dtype=next(iter(blocks.values())).dtype)
-        for row_id, block in blocks.items():
-            full.index_copy_(layer_dim, torch.tensor(row_id), block)
-        if torch.isnan(full).any():
-            raise ValueError(f"{key}: pool rows missing from the gathered pipeline slices")
-        assembled[(key, expert)] = full
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[int, torch.Tensor]] = {}
-    for (key, expert), tensor in assembled.items():
-        if expert is None:
-            out[key] = tensor
-        else:
-            experts.setdefault(key, {})[expert] = tensor
-    for key, per_expert in experts.items():
-        if sorted(per_expert) != list(range(len(per_expert))):
-            raise ValueError(f"{key}: experts {sorted(per_expert)} are incomplete")
-        out[key] = torch.stack([per_expert[e] for e in range(len(per_expert))])
-    return out
+    return assemble_hf_adapter(gathered)

@@ -54,6 +54,7 @@ def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, l
     data-parallel ranks; ep2_dp2 chains a dense and an expert distributed optimizer."""
     from reference import reference_run
 
+    from rasa_megatron.convert.megatron_checkpoint import adapter_from_megatron_checkpoint
     from rasa_megatron.training.recipe import load_recipe
 
     out = tmp_path / "run"
@@ -69,6 +70,12 @@ def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, l
     np.testing.assert_allclose(read_metric(out, "grad_norm"), ref_norms, rtol=1e-5)
     assert_adapters_close(load_file(out / "adapter" / "rasa_adapter.safetensors"), ref_adapter, "adamw", recipe.train.lr)
     assert (out / "peft_adapter" / "adapter_model.safetensors").is_file()
+    # the final checkpoint, read offline in this process (no model, no torch.distributed), is the adapter
+    # the run gathered and saved, bit for bit
+    offline, _ = adapter_from_megatron_checkpoint(out / "checkpoints" / "step0000003")
+    saved = load_file(out / "adapter" / "rasa_adapter.safetensors")
+    assert sorted(offline) == sorted(saved), sorted(set(offline) ^ set(saved))[:4]
+    assert all(torch.equal(offline[key], saved[key]) for key in saved)
 
 
 def test_megatron_engine_with_dropout_and_recompute_draws_the_hf_models_masks(workspace, tmp_path):
