@@ -32,6 +32,7 @@ EXTRAS = {
 CONSOLE_SCRIPTS = [
     "rasa-train = rasa_megatron.cli.train:main",
     "rasa-export = rasa_megatron.cli.export:main",
+    "rasa-convert = rasa_megatron.cli.convert:main",
     "rasa-memory = rasa_megatron.cli.memory:main",
     "rasa-reconstruction = rasa_megatron.cli.reconstruction:main",
 ]

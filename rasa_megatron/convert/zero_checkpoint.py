@@ -5,22 +5,16 @@ Only the trainable (adapter) parameters are read, as fp32 masters: from the chec
 (safetensors) or, for ZeRO-2/3 shards written by DeepSpeed itself, DeepSpeed's
 ``get_fp32_state_dict_from_zero_checkpoint``. The adapter and PEFT outputs need no base weights (the
 model skeleton is built on the meta device from the base's config or the run's model config); the
-merged model loads the base weights and is written with ``save_pretrained`` into a temporary
-directory renamed into place when complete.
+merged model is streamed from the base's files tensor by tensor (convert/merged.py).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..adapter import assign_adapter_tensors_, export_peft_lora, save_adapter
-from ..config import RaSAConfig
-from ..inject import apply_rasa, merge_and_unload
 from ..training.checkpoint import resolve_checkpoint
 
 RASA_CONFIG_FILE = "rasa_config.json"
@@ -52,46 +46,21 @@ def adapter_tensors_from_zero_checkpoint(path: str | os.PathLike, tag: str | Non
     return {k: v.float().contiguous() for k, v in tensors.items()}, json.loads(config_file.read_text())
 
 
-def _model_with_adapter(config_source: str, rasa_config: RaSAConfig, tensors: dict, meta: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if meta:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_source))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(config_source, dtype=torch.float32)
-    return assign_adapter_tensors_(apply_rasa(model, rasa_config), tensors)
-
-
-def save_merged(model, target: str | os.PathLike) -> None:
-    """``merge_and_unload(model).save_pretrained`` into a temporary directory, then renamed to ``target``."""
-    merged = merge_and_unload(model)
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        merged.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def export_zero_checkpoint(checkpoint: str | os.PathLike, adapter_dir=None, peft_dir=None, merged_dir=None,
-                           base: str | None = None, tag: str | None = None) -> int:
-    """Write the requested outputs of a ZeRO checkpoint (root with ``latest`` or a tag directory).
+                           base: str | None = None, tag: str | None = None, overwrite: bool = False) -> int:
+    """Write the requested outputs of a ZeRO checkpoint (root with ``latest`` or a tag directory) through
+    :func:`~rasa_megatron.convert.hf_export.export_engine_checkpoint` (staged, manifested outputs; the
+    merged model streamed from the base's files).
 
     ``base``: the base HF checkpoint dir (default: the run's ``model.path`` / ``model.config`` from
     the checkpoint's ``recipe.json``); ``merged_dir`` needs base weights. Raises FileNotFoundError /
     ValueError naming what is missing or does not fit, before writing anything. Returns the number
     of adapter tensors exported."""
+    from .hf_export import export_engine_checkpoint
+
     if not (adapter_dir or peft_dir or merged_dir):
         raise ValueError("give at least one output: an adapter, a PEFT or a merged directory")
     root, tag = resolve_checkpoint(checkpoint, tag)
-    tensors, config_dict = adapter_tensors_from_zero_checkpoint(root, tag)
-    rasa_config = RaSAConfig.from_dict(config_dict)
     recipe_file = root / tag / RECIPE_FILE
     run_model = json.loads(recipe_file.read_text())["model"] if recipe_file.is_file() else {}
     config_source = base or run_model.get("path") or run_model.get("config")
@@ -100,12 +69,6 @@ def export_zero_checkpoint(checkpoint: str | os.PathLike, adapter_dir=None, peft
     weights = base or run_model.get("path")
     if merged_dir and not weights:
         raise ValueError("a merged model needs base weights: pass the base model directory")
-    if adapter_dir or peft_dir:
-        model = _model_with_adapter(config_source, rasa_config, tensors, meta=True)
-        if adapter_dir:
-            save_adapter(model, adapter_dir)
-        if peft_dir:
-            export_peft_lora(model, peft_dir, base_model_name_or_path=weights)
-    if merged_dir:
-        save_merged(_model_with_adapter(weights, rasa_config, tensors, meta=False), merged_dir)
-    return len(tensors)
+    report = export_engine_checkpoint(root / tag, config_source, merged=merged_dir, adapter=adapter_dir,
+                                      peft=peft_dir, base=weights, overwrite=overwrite)
+    return report["adapter_tensors"]

@@ -176,7 +176,8 @@ def save_checkpoint(state: TrainState, step: int) -> Path:
                 "scheduler": state.engine.lr_scheduler.state_dict()})
         save_state(directory, rng_name(rank), rng_state())
         if rank == 0:
-            write_run_record(directory, recipe, state.identity)
+            write_run_record(directory, recipe, state.identity, step,
+                             {"world_size": world_size, "zero_stage": state.engine.zero_optimization_stage()})
             if recipe.rasa_config() is not None:
                 atomic_write_text(directory / RASA_CONFIG_FILE, json.dumps(rasa_config_of(state.engine.module).to_dict()))
 

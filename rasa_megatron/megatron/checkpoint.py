@@ -62,8 +62,9 @@ def save_checkpoint(recipe, identity: dict, step: int, chunks: list, optimizers:
         names = {id(p): f"adapter.{name}" for name, p in adapter_parameters(chunks).items()}
         write_json(directory / f"{_rank_name()}{PIECES_SUFFIX}", piece_records(chunks, names))
         if dist.get_rank() == 0:
-            write_json(directory / LAYOUT_FILE, layout(parallel_state, recipe.megatron.use_distributed_optimizer))
-            write_run_record(directory, recipe, identity)
+            run_layout = layout(parallel_state, recipe.megatron.use_distributed_optimizer)
+            write_json(directory / LAYOUT_FILE, run_layout)
+            write_run_record(directory, recipe, identity, step, run_layout)
 
     return save_checkpoint_dir(checkpoint_root(recipe.output.dir), step, write, recipe.output.keep_last)
 

@@ -2,8 +2,9 @@
 position and the adapter depend on, the model (its architecture config and weight files) and the
 tokenised data (sha256 of every token and label); and the marker of a finished run.
 
-Each checkpoint holds ``recipe.json`` (the whole recipe, for the exporters) and ``run.json`` (this
-identity); a finished run writes ``<output.dir>/complete.json``.
+Each checkpoint holds ``recipe.json`` (the whole recipe), ``run.json`` (this identity) and
+``checkpoint.json`` (what the converters read: format version, engine, layout, RaSA config, base
+model); a finished run writes ``<output.dir>/complete.json``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from .state_io import read_json, write_json
 
 RECIPE_FILE = "recipe.json"
 RUN_FILE = "run.json"
+DESCRIPTION_FILE = "checkpoint.json"
+DESCRIPTION_FORMAT, DESCRIPTION_VERSION = "rasa_megatron.checkpoint", 1
 COMPLETE_FILE = "complete.json"
 #: recipe values a checkpoint's data position and adapter depend on: a resume must keep them
 RESUME_KEYS = (("train", "global_batch_size"), ("train", "seed"), ("data", "mode"), ("data", "seq_len"),
@@ -41,17 +44,28 @@ def _sampled_digest(path: Path, samples: int = 16, width: int = 1 << 16) -> str:
     return sha.hexdigest()
 
 
-def model_fingerprint(recipe: Recipe) -> str:
-    """sha256 of the model's architecture config (without loading-time keys) and of its weight files
-    (names, sizes and sampled contents): another model, or other weights of the same architecture,
-    fingerprint differently."""
+def _model_config(recipe: Recipe) -> dict:
+    """The model's architecture config without loading-time keys ({} without a model source)."""
     from transformers import AutoConfig
 
     m = recipe.model
     source = m.path or m.config
     kwargs = {"gguf_file": m.gguf_file} if m.gguf_file and source == m.path else {}
-    config = {k: v for k, v in AutoConfig.from_pretrained(source, **kwargs).to_dict().items()
-              if k not in _VOLATILE_CONFIG_KEYS} if source else {}
+    return {k: v for k, v in AutoConfig.from_pretrained(source, **kwargs).to_dict().items()
+            if k not in _VOLATILE_CONFIG_KEYS} if source else {}
+
+
+def config_fingerprint(recipe: Recipe) -> str:
+    """sha256 of the model's architecture config alone (the same model at another path or dtype hashes alike)."""
+    return hashlib.sha256(json.dumps(_model_config(recipe), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(recipe: Recipe) -> str:
+    """sha256 of the model's architecture config (without loading-time keys) and of its weight files
+    (names, sizes and sampled contents): another model, or other weights of the same architecture,
+    fingerprint differently."""
+    m = recipe.model
+    config = _model_config(recipe)
     weights = {}
     if m.path is not None and Path(m.path).is_dir():
         weights = {p.name: _sampled_digest(p) for p in sorted(Path(m.path).iterdir())
@@ -67,13 +81,27 @@ def _recipe_values(recipe_dict: dict, keys) -> dict:
 def run_identity(recipe: Recipe, data_sha256: str) -> dict:
     """The identity a checkpoint records (and a resume must match)."""
     return {"recipe": _recipe_values(recipe.to_dict(), RESUME_KEYS), "model_sha256": model_fingerprint(recipe),
-            "data_sha256": data_sha256}
+            "config_sha256": config_fingerprint(recipe), "data_sha256": data_sha256}
 
 
-def write_run_record(tag_dir: str | os.PathLike, recipe: Recipe, identity: dict) -> None:
-    """``recipe.json`` and ``run.json`` into a checkpoint directory (rank 0)."""
+def checkpoint_description(recipe: Recipe, identity: dict, step: int, layout: dict) -> dict:
+    """What ``checkpoint.json`` says of a checkpoint, so converters need no recipe: the format and its
+    version, the engine and its layout, the step, the RaSA config (None for full fine-tuning) and the
+    base model (path, config hashes)."""
+    config = recipe.rasa_config()
+    m = recipe.model
+    return {"format": DESCRIPTION_FORMAT, "format_version": DESCRIPTION_VERSION, "engine": recipe.engine,
+            "step": step, "method": recipe.adapter.method, "rasa_config": None if config is None else config.to_dict(),
+            "base_model": {"path": m.path, "config": m.config, "gguf_file": m.gguf_file,
+                           "config_sha256": identity.get("config_sha256"), "model_sha256": identity["model_sha256"]},
+            "layout": layout}
+
+
+def write_run_record(tag_dir: str | os.PathLike, recipe: Recipe, identity: dict, step: int, layout: dict) -> None:
+    """``recipe.json``, ``run.json`` and ``checkpoint.json`` into a checkpoint directory (rank 0)."""
     write_json(Path(tag_dir) / RECIPE_FILE, recipe.to_dict())
     write_json(Path(tag_dir) / RUN_FILE, identity)
+    write_json(Path(tag_dir) / DESCRIPTION_FILE, checkpoint_description(recipe, identity, step, layout))
 
 
 def check_resume_identity(tag_dir: str | os.PathLike, identity: dict) -> None:

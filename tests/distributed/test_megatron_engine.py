@@ -27,10 +27,15 @@ MOE_ADAPTER = {"target_modules": ["q_proj", "v_proj"],
 DISTRIBUTED_OPTIMIZER = {"use_distributed_optimizer": True}
 
 
+TP2 = {"tensor_model_parallel_size": 2}
+PP2_VPP2 = {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}
+EP2 = {"expert_model_parallel_size": 2}
+
+
 @pytest.mark.parametrize("layout,model,adapter,nproc", [
-    ({"tensor_model_parallel_size": 2}, "tiny_llama", {}, 2),
-    ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, "tiny_llama4", {}, 2),
-    ({"expert_model_parallel_size": 2}, "tiny_mixtral", MOE_ADAPTER, 2),
+    (TP2, "tiny_llama", {}, 2),
+    (PP2_VPP2, "tiny_llama4", {}, 2),
+    (EP2, "tiny_mixtral", MOE_ADAPTER, 2),
     ({"pipeline_model_parallel_size": 2}, "tiny_mixtral", MOE_ADAPTER, 2),
     ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, "tiny_mixtral", MOE_ADAPTER, 2),
     ({"tensor_model_parallel_size": 2, **DISTRIBUTED_OPTIMIZER}, "tiny_llama", {}, 2),
@@ -76,6 +81,22 @@ def test_megatron_engine_matches_single_process_reference(workspace, tmp_path, l
     saved = load_file(out / "adapter" / "rasa_adapter.safetensors")
     assert sorted(offline) == sorted(saved), sorted(set(offline) ^ set(saved))[:4]
     assert all(torch.equal(offline[key], saved[key]) for key in saved)
+    if layout in (TP2, PP2_VPP2, EP2):  # and converts offline: merged + PEFT logits equal the RaSA model's
+        _convert_and_verify(out / "checkpoints", tiny_checkpoint(workspace, model), tmp_path / "hf")
+
+
+def _convert_and_verify(checkpoint, base, out, **kwargs):
+    """``megatron-to-hf`` of an engine checkpoint with --verify at fp32 tolerances (1e-5: the same fp32
+    arithmetic in another order); returns the report."""
+    from rasa_megatron.convert.hf_export import export_engine_checkpoint
+    from rasa_megatron.convert.verify import Tolerance
+
+    report = export_engine_checkpoint(checkpoint, base, merged=out / "merged", peft=out / "peft",
+                                      adapter=out / "adapter", verify=True, progress=False,
+                                      tolerance=Tolerance(max_kl=1e-8, min_top1=1.0, atol=1e-5), **kwargs)
+    for name in ("merged", "peft"):
+        assert report["verify"][name]["passed"] and report["verify"][name]["max_abs_diff"] < 1e-5, report["verify"]
+    return report
 
 
 def test_megatron_engine_with_dropout_and_recompute_draws_the_hf_models_masks(workspace, tmp_path):
@@ -175,3 +196,96 @@ def test_megatron_engine_refuses_a_data_set_smaller_than_one_global_batch(worksp
     assert proc.returncode != 0
     assert "64 training samples is fewer than one global batch (128)" in proc.stdout + proc.stderr
     assert not (out / "adapter").exists() and not (out / "metrics.csv").exists()
+
+
+def test_a_tp2_pp2_checkpoint_converts_offline_and_every_bad_input_is_refused(workspace, tmp_path, monkeypatch,
+                                                                               capsys):
+    """A TP 2 x PP 2 run (4 processes) -> ``rasa-convert megatron-to-hf`` in this process: the adapter is
+    the one the run saved, bit for bit; the merged model (sharded, index of the shards written, tokenizer
+    copied) loads in transformers with no missing or unexpected keys and, like the PEFT adapter in real
+    peft, gives the RaSA model's logits within 1e-5; the manifest re-verifies and a flipped byte fails
+    ``check``; a dry run writes nothing; every bad input exits 2 naming it and writes nothing; a failure
+    mid-write leaves neither output nor temporary directory; a failed --verify exits 1 and writes nothing."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rasa_megatron.cli.convert import main
+
+    out = tmp_path / "run"
+    base = tiny_checkpoint(workspace, "tiny_llama4")
+    recipe_path = make_megatron_recipe(workspace, out, train={"optimizer": "adamw", "max_steps": 2},
+                                       megatron={"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
+                                       model={"path": base})
+    launch(recipe_path, 4)
+    checkpoint = out / "checkpoints"
+    described = json.loads((checkpoint / "step0000002" / "checkpoint.json").read_text())
+    assert described["layout"]["tensor_model_parallel_size"] == described["layout"]["pipeline_model_parallel_size"] == 2
+    r, k = described["rasa_config"]["r"], described["rasa_config"]["k"]
+    hf = tmp_path / "hf"
+    targets = {name: hf / name for name in ("merged", "adapter", "peft")}
+    flags = [f"--{name}={path}" for name, path in targets.items()]
+    convert = ["megatron-to-hf", str(checkpoint), "--hf-config", base]
+    assert main([*convert, *flags, "--dry-run", "--max-shard-size", "40KB"]) == 0
+    assert not hf.exists()
+    report = _convert_and_verify(checkpoint, base, hf, tokenizer=workspace / "tokenizer", max_shard_size=40_000)
+    assert report["max_lora_rank"] == r - k + 4 * k  # L = 4
+    saved = load_file(out / "adapter" / "rasa_adapter.safetensors")
+    converted = load_file(targets["adapter"] / "rasa_adapter.safetensors")
+    assert sorted(converted) == sorted(saved) and all(torch.equal(converted[k], saved[k]) for k in saved)
+    index = json.loads((targets["merged"] / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert (targets["merged"] / "tokenizer_config.json").is_file()
+    _, info = AutoModelForCausalLM.from_pretrained(targets["merged"], output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert main(["check", str(targets["merged"])]) == 0
+    shard = sorted(targets["merged"].glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["check", str(targets["merged"])]) == 1
+
+    def refused(args, message, code=2):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        capsys.readouterr()
+        assert main(args) == code
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary left
+        assert message in capsys.readouterr().err
+
+    fresh = [f"--merged={tmp_path / 'new'}"]
+    refused([*convert, *flags], "exists; pass --overwrite")
+    wider = tmp_path / "wider"
+    AutoConfig.from_pretrained(base).__class__(**{**AutoConfig.from_pretrained(base).to_dict(),
+                                                  "intermediate_size": 96}).save_pretrained(wider)
+    refused(["megatron-to-hf", str(checkpoint), "--hf-config", str(wider), *fresh], "does not fit the model")
+    mixtral = tmp_path / "mixtral"
+    AutoConfig.from_pretrained(workspace / "tiny_mixtral.json").save_pretrained(mixtral)
+    refused(["megatron-to-hf", str(checkpoint), "--hf-config", str(mixtral), *fresh], "does not fit the model")
+    refused([*convert, *fresh, "--base", str(tmp_path / "nowhere")], "nowhere")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint / "step0000002", damaged)
+    (damaged / "rank00003.safetensors").unlink()
+    refused(["megatron-to-hf", str(damaged), "--hf-config", base, *fresh], "rank00003.safetensors")
+    shutil.copytree(checkpoint / "step0000002", damaged, dirs_exist_ok=True)
+    rank_file = damaged / "rank00001.safetensors"
+    rank_file.write_bytes(rank_file.read_bytes()[:-64])
+    refused(["megatron-to-hf", str(damaged), "--hf-config", base, *fresh], "rank00001.safetensors")
+    refused([*convert, *fresh, "--verify", "--verify-kl", "-1"], "--verify failed", code=1)
+
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+    calls = []
+
+    def failing_save(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(OSError, match="No space left"):
+        main([*convert, *fresh, "--max-shard-size", "40KB"])
+    assert len(calls) == 2 and sorted(p.name for p in tmp_path.iterdir()) == before
+

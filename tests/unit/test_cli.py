@@ -7,6 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = {"rasa-train": "rasa_megatron.cli.train:main", "rasa-export": "rasa_megatron.cli.export:main",
+            "rasa-convert": "rasa_megatron.cli.convert:main",
             "rasa-memory": "rasa_megatron.cli.memory:main",
             "rasa-reconstruction": "rasa_megatron.cli.reconstruction:main"}
 

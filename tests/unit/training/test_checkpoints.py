@@ -159,7 +159,7 @@ def _identity(**changes):
 
 
 def test_resuming_another_run_is_refused_naming_what_differs(tmp_path):
-    write_run_record(tmp_path, Recipe(), _identity())
+    write_run_record(tmp_path, Recipe(), _identity(), 7, {"world_size": 2})
     check_resume_identity(tmp_path, _identity())
     cases = {"train.global_batch_size": (384, r"train.global_batch_size 192 -> 384"),
              "adapter.r": (8, r"adapter.r 16 -> 8"),
@@ -168,6 +168,25 @@ def test_resuming_another_run_is_refused_naming_what_differs(tmp_path):
     for key, (value, message) in cases.items():
         with pytest.raises(SystemExit, match=message):
             check_resume_identity(tmp_path, _identity(**{key: value}))
+
+
+def test_a_checkpoint_describes_itself_for_the_converters(tmp_path):
+    """checkpoint.json: format version, engine, layout, step, the RaSA config and the base model's identity."""
+    from rasa_megatron import RaSAConfig
+    from rasa_megatron.training.identity import DESCRIPTION_FILE
+
+    recipe = Recipe()
+    recipe.engine, recipe.model.path = "megatron", "/models/Llama"
+    write_run_record(tmp_path, recipe, {**_identity(), "config_sha256": "e" * 64}, 7, {"world_size": 4})
+    described = json.loads((tmp_path / DESCRIPTION_FILE).read_text())
+    assert described["format"] == "rasa_megatron.checkpoint" and described["format_version"] == 1
+    assert (described["engine"], described["step"], described["layout"]) == ("megatron", 7, {"world_size": 4})
+    assert RaSAConfig.from_dict(described["rasa_config"]) == recipe.rasa_config()
+    assert described["base_model"]["path"] == "/models/Llama"
+    assert (described["base_model"]["config_sha256"], described["base_model"]["model_sha256"]) == ("e" * 64, "a" * 64)
+    recipe.adapter.method = "full"
+    write_run_record(tmp_path, recipe, _identity(), 7, {})
+    assert json.loads((tmp_path / DESCRIPTION_FILE).read_text())["rasa_config"] is None
 
 
 def test_a_finished_run_is_recognised_by_its_recipe(tmp_path):

@@ -1,0 +1,97 @@
+"""``rasa-convert``: engine checkpoints -> Hugging Face outputs, and checks of what it wrote.
+
+    rasa-convert megatron-to-hf runs/x/checkpoints --hf-config /models/Llama-3.1-70B \\
+        --merged out/merged --adapter out/adapter --peft out/peft --verify --verify-layers 2
+    rasa-convert megatron-to-hf runs/x/checkpoints/step0000500 --hf-config DIR --merged OUT --dry-run
+    rasa-convert check out/merged
+
+megatron-to-hf reads a checkpoint of the Megatron engine (any TP/PP/VPP/EP layout) or of the DeepSpeed
+engine in one process (no torchrun), reading only its adapter tensors. --merged streams the base (--base,
+default: the run's model.path) tensor by tensor. Outputs appear whole or not at all, each with a
+conversion_manifest.json that `check` re-verifies. Exit status: 0 done, 1 --verify or check failed, 2 bad
+input (nothing written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _megatron_to_hf(args) -> int:
+    from ..convert.hf_export import VerificationError, export_engine_checkpoint
+    from ..convert.merged import parse_size
+    from ..convert.verify import Tolerance
+
+    try:
+        report = export_engine_checkpoint(
+            args.checkpoint, args.hf_config, merged=args.merged, adapter=args.adapter, peft=args.peft,
+            base=args.base, tokenizer=args.tokenizer, tag=args.tag, overwrite=args.overwrite,
+            max_shard_size=parse_size(args.max_shard_size), dry_run=args.dry_run, verify=args.verify,
+            verify_layers=args.verify_layers, tolerance=Tolerance(args.verify_kl, args.verify_top1, args.verify_atol))
+    except VerificationError as err:
+        print(f"error: {err}; nothing was written", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(report["plan"]))
+    if "verify" in report:
+        print("verify: " + json.dumps(report["verify"], indent=2))
+    if args.dry_run:
+        print("dry run: nothing written")
+    else:
+        print(f"wrote {', '.join(report['written'])}")
+    if args.peft:
+        print(f"serve the PEFT adapter with vLLM --enable-lora --max-lora-rank {report['vllm_max_lora_rank']} "
+              f"(LoRA rank {report['max_lora_rank']})")
+    return 0
+
+
+def _check(args) -> int:
+    from ..convert.output import check_output
+
+    problems = check_output(args.directory)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        return 1
+    print(f"OK {args.directory}: every file matches conversion_manifest.json")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="rasa-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_hf = commands.add_parser("megatron-to-hf", help="an engine checkpoint -> merged HF model / RaSA adapter / PEFT")
+    to_hf.add_argument("checkpoint", help="checkpoint root (with 'latest') or a tag directory (step0000500)")
+    to_hf.add_argument("--hf-config", required=True, help="the base model's HF directory (config.json)")
+    to_hf.add_argument("--merged", help="write the merged HF model (W + ΔW) here")
+    to_hf.add_argument("--adapter", help="write the rasa_megatron adapter here")
+    to_hf.add_argument("--peft", help="write a PEFT LoRA adapter of rank r-k+Lk here")
+    to_hf.add_argument("--base", help="the base weights for --merged / --verify (default: the run's model.path)")
+    to_hf.add_argument("--tokenizer", help="copy tokenizer files from here (default: --hf-config, then --base)")
+    to_hf.add_argument("--tag", help="checkpoint tag under a root (default: 'latest')")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="largest merged shard (default 5GB)")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    to_hf.add_argument("--dry-run", action="store_true", help="print the plan (files, sizes, memory bound); write nothing")
+    to_hf.add_argument("--verify", action="store_true",
+                       help="compare the exports' logits with the source model's; exit 1 and write nothing above tolerance")
+    to_hf.add_argument("--verify-layers", type=int, help="verify with only the first N decoder layers")
+    to_hf.add_argument("--verify-kl", type=float, default=1e-3, help="largest mean KL(source || export) (1e-3)")
+    to_hf.add_argument("--verify-top1", type=float, default=0.99, help="smallest top-1 agreement (0.99)")
+    to_hf.add_argument("--verify-atol", type=float, default=1e-4,
+                       help="largest |Δlogit| for fp32 exports and PEFT (1e-4; not applied to a bf16/fp16 merged model)")
+    to_hf.set_defaults(run=_megatron_to_hf)
+    check = commands.add_parser("check", help="re-verify a conversion output against its manifest")
+    check.add_argument("directory")
+    check.set_defaults(run=_check)
+    args = parser.parse_args(argv)
+    if args.command == "megatron-to-hf" and not (args.merged or args.adapter or args.peft):
+        to_hf.error("give at least one of --merged, --adapter, --peft")
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""An engine checkpoint -> Hugging Face outputs (``rasa-convert megatron-to-hf``), in one process, no
+torch.distributed: the project's RaSA adapter, a PEFT LoRA adapter of rank ``r-k+Lk``, a merged model
+streamed tensor by tensor (:mod:`.merged`).
+
+The checkpoint describes itself (RaSA config, base model, layout: ``recipe.json`` / ``checkpoint.json``),
+so no recipe is needed; only the HF config directory of the base (``--hf-config``) and, for the merged
+model, its weights (``--base``, default the run's ``model.path``). Everything is checked before the
+first byte is written; every output is staged beside its target and renamed into place only when all
+outputs are complete (and verified, with ``verify``), with a ``conversion_manifest.json``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapter import export_peft_lora, hf_model_with_adapter, save_adapter
+from ..config import RaSAConfig
+from ..inject import rasa_layers
+from ..training.checkpoint import resolve_checkpoint, verify_checkpoint
+from ..training.identity import DESCRIPTION_FILE
+from ..training.state_io import read_json
+from .megatron_checkpoint import LAYOUT_FILE, RECIPE_FILE, adapter_from_megatron_checkpoint
+from .merged import DEFAULT_MAX_SHARD_SIZE, human_size, plan_merged, write_merged
+from .output import refuse_existing, staged_output
+from .verify import Tolerance, verify_exports
+
+
+
+class VerificationError(RuntimeError):
+    """An export's logits differ from the source model's beyond the tolerance (nothing was written)."""
+
+
+@dataclass
+class EngineCheckpoint:
+    """An engine checkpoint read offline: its fp32 adapter tensors (HF ``adapter_state_dict`` keys), RaSA
+    config, recipe (a dict) and what describes it (engine, tag directory, layout)."""
+
+    tensors: dict[str, torch.Tensor]
+    rasa_config: RaSAConfig
+    recipe: dict
+    description: dict = field(default_factory=dict)
+
+    @property
+    def adapter_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def read_engine_checkpoint(path: str | os.PathLike, tag: str | None = None) -> EngineCheckpoint:
+    """The adapter of a Megatron-engine (any TP/PP/VPP/EP layout) or DeepSpeed-engine checkpoint (root
+    with ``latest`` or a tag directory), its files first checked against the checkpoint's manifest.
+    Raises FileNotFoundError / ValueError naming what is missing, damaged or not a RaSA checkpoint."""
+    root, tag = resolve_checkpoint(path, tag)
+    tag_dir = root / tag
+    problems = verify_checkpoint(tag_dir)
+    if problems:
+        raise ValueError(f"{tag_dir} is damaged or incomplete ({len(problems)} problems): {'; '.join(problems[:4])}")
+    stored_config = None
+    if (tag_dir / LAYOUT_FILE).is_file():
+        tensors, recipe = adapter_from_megatron_checkpoint(tag_dir)
+        layout = read_json(tag_dir / LAYOUT_FILE)
+        engine = "megatron"
+    else:
+        from .zero_checkpoint import adapter_tensors_from_zero_checkpoint
+
+        tensors, stored_config = adapter_tensors_from_zero_checkpoint(root, tag)
+        recipe = read_json(tag_dir / RECIPE_FILE) if (tag_dir / RECIPE_FILE).is_file() else {}
+        layout, engine = {}, "deepspeed"
+    description = read_json(tag_dir / DESCRIPTION_FILE) if (tag_dir / DESCRIPTION_FILE).is_file() else {}
+    config_dict = description.get("rasa_config") or stored_config
+    if config_dict is None:
+        from ..training.recipe import recipe_from_dict
+
+        config = recipe_from_dict(recipe, where=str(tag_dir / RECIPE_FILE)).rasa_config()
+        if config is None:
+            raise ValueError(f"{tag_dir} is a full fine-tuning checkpoint: it has no adapter to convert")
+    else:
+        config = RaSAConfig.from_dict(config_dict)
+    return EngineCheckpoint(tensors, config, recipe,
+                            {"checkpoint": str(tag_dir), "engine": engine, "layout": layout,
+                             "base_model": description.get("base_model", {})})
+
+
+def _max_lora_rank(model) -> int:
+    return max(unit.effective_rank for unit in rasa_layers(model).values())
+
+
+def export_engine_checkpoint(checkpoint: str | os.PathLike, hf_config: str | os.PathLike, *, merged=None,
+                             adapter=None, peft=None, base=None, tokenizer=None, tag=None, overwrite=False,
+                             max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, dry_run=False, verify=False,
+                             verify_layers: int | None = None, tolerance: Tolerance = Tolerance(),
+                             progress=True) -> dict:
+    """Convert an engine checkpoint (see :func:`read_engine_checkpoint`) into the requested outputs.
+
+    Returns ``{"plan": [lines], "max_lora_rank": R, "written": [...], "verify": {...}}``. Raises
+    FileExistsError (an output exists, no ``overwrite``), FileNotFoundError / ValueError (input that
+    does not fit, named), VerificationError (``verify`` above ``tolerance``) before any output appears."""
+    outputs = {name: Path(p) for name, p in (("merged", merged), ("adapter", adapter), ("peft", peft)) if p}
+    if not outputs:
+        raise ValueError("give at least one output: --merged, --adapter or --peft")
+    if len(set(outputs.values())) != len(outputs):
+        raise ValueError(f"outputs must be different directories, got {', '.join(map(str, outputs.values()))}")
+    for target in outputs.values():
+        refuse_existing(target, overwrite)
+    hf_config = Path(hf_config)
+    if not (hf_config / "config.json").is_file():
+        raise FileNotFoundError(f"--hf-config {hf_config} has no config.json")
+    source = read_engine_checkpoint(checkpoint, tag)
+    try:
+        model = hf_model_with_adapter(str(hf_config), source.rasa_config, source.tensors)
+    except ValueError as err:
+        raise ValueError(f"the checkpoint's adapter does not fit the model of --hf-config {hf_config}: {err}") from err
+    run_model = source.recipe.get("model", {})
+    base_dir = base or run_model.get("path")
+    needs_base = merged or verify
+    if needs_base and (base_dir is None or not Path(base_dir).is_dir()):
+        raise FileNotFoundError(f"the base model's weights are needed for {'--merged' if merged else '--verify'}: "
+                                f"{base_dir!r} is not a directory; pass --base")
+    plan = plan_merged(model, base_dir, hf_config, tokenizer, max_shard_size) if merged else None
+    rank = _max_lora_rank(model)
+    lines = [f"source: {source.description['engine']} checkpoint {source.description['checkpoint']} "
+             f"({len(source.tensors)} adapter tensors, {human_size(source.adapter_bytes)} fp32, RaSA r={source.rasa_config.r} "
+             f"k={source.rasa_config.k})"]
+    if adapter:
+        lines.append(f"adapter -> {outputs['adapter']}: rasa_config.json + rasa_adapter.safetensors")
+    if peft:
+        lines.append(f"peft -> {outputs['peft']}: LoRA rank {rank} (vLLM: --max-lora-rank {_vllm_rank(rank)})")
+    if plan is not None:
+        lines.append(f"merged -> {outputs['merged']}:")
+        lines += ["  " + line for line in plan.describe(source.adapter_bytes)]
+    report = {"plan": lines, "max_lora_rank": rank, "vllm_max_lora_rank": _vllm_rank(rank), "written": [],
+              "adapter_tensors": len(source.tensors)}
+    if dry_run:
+        return report
+    manifest_source = {k: v for k, v in source.description.items() if v}
+    manifest_source["hf_config"] = str(hf_config)
+    if base_dir:
+        manifest_source["base"] = str(base_dir)
+    with contextlib.ExitStack() as stack:
+        staged = {name: stack.enter_context(staged_output(target, manifest_source, overwrite))
+                  for name, target in outputs.items()}
+        if adapter:
+            save_adapter(model, staged["adapter"])
+        if peft:
+            export_peft_lora(model, staged["peft"], base_model_name_or_path=str(base_dir) if base_dir else None)
+        if plan is not None:
+            write_merged(model, plan, staged["merged"], progress=progress)
+        if verify:
+            merged_dtype = {plan.base.dtype[k] for k in plan.updates} if plan is not None else set()
+            merged_tol = Tolerance(tolerance.max_kl, tolerance.min_top1,
+                                   tolerance.atol if merged_dtype <= {"F32", "F64"} else None)
+            result = verify_exports(model, base_dir, staged.get("merged"), staged.get("peft"), verify_layers,
+                                    Tolerance(tolerance.max_kl, tolerance.min_top1, tolerance.atol), merged_tol)
+            report["verify"] = result
+            failed = [name for name in ("merged", "peft") if name in result and not result[name]["passed"]]
+            if failed:
+                raise VerificationError(f"--verify failed for {', '.join(failed)}: " + "; ".join(
+                    f"{n}: {_metrics(result[n])}" for n in failed))
+        report["written"] = [str(t) for t in outputs.values()]
+    return report
+
+
+def _vllm_rank(rank: int) -> int:
+    """The smallest of vLLM's supported ``--max-lora-rank`` values that holds ``rank``."""
+    for supported in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= supported:
+            return supported
+    return rank
+
+
+def _metrics(m: dict) -> str:
+    return f"max|Δlogit| {m['max_abs_diff']:.3g}, KL {m['kl']:.3g}, top-1 {m['top1_agreement']:.4f}"
