@@ -189,11 +189,14 @@ class MergePlan:
         return sum(self.shard_bytes.values())
 
     def memory_bound(self, adapter_bytes: int) -> int:
-        """Peak bytes held beyond the interpreter: the largest output shard + the largest tensor's fp32
-        working set (base read, fp32 base, ΔW, sum) + the adapter."""
-        largest = max(self.base.nbytes(k) for k in self.base.file_of)
-        largest_fp32 = max(self.base.nbytes(k) // _BYTES.get(self.base.dtype[k], 4) * 4 for k in self.base.file_of)
-        return max(self.shard_bytes.values()) + largest + 3 * largest_fp32 + adapter_bytes
+        """Peak bytes held beyond the interpreter: the largest output shard + the largest working set of
+        one tensor (read in its dtype; for an adapted one also its fp32 copy, ΔW and the fp32 sum) + the
+        adapter."""
+        def working_set(key: str) -> int:
+            fp32 = self.base.nbytes(key) // _BYTES.get(self.base.dtype[key], 4) * 4
+            return self.base.nbytes(key) + (3 * fp32 if key in self.updates else 0)
+
+        return max(self.shard_bytes.values()) + max(map(working_set, self.base.file_of)) + adapter_bytes
 
     def describe(self, adapter_bytes: int) -> list[str]:
         lines = [f"merged model: {len(self.base.file_of)} tensors, {len(self.updates)} with a RaSA update, "
@@ -202,7 +205,7 @@ class MergePlan:
                   for name, keys in self.shards.items()]
         lines += [f"  {name} (copied from {source.parent})" for name, source in self.copied.items()]
         lines.append(f"memory bound: {human_size(self.memory_bound(adapter_bytes))} (largest shard + one tensor's "
-                     f"fp32 working set + the adapter, {human_size(adapter_bytes)}), independent of depth")
+                     f"working set + the adapter, {human_size(adapter_bytes)}), independent of depth")
         return lines
 
 
@@ -268,16 +271,35 @@ class _Deltas:
         return delta if update.rows is None else delta[update.rows[0]:update.rows[1]]
 
 
-def _return_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``): tensor buffers below glibc's dynamic
-    mmap threshold (up to 32 MB) otherwise stay in the heap and fragment it shard after shard."""
+def _libc():
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _map_large_buffers() -> None:
+    """Have glibc serve every buffer of 1 MiB or more by its own mmap, returned to the OS when freed.
+    Otherwise glibc raises its mmap threshold to the largest buffer freed so far (up to 32 MB), after
+    which tensor buffers come from the heap, fragment it and the peak varies by about a shard from run
+    to run. Process-wide; costs a page fault per page of each new buffer, nothing for a converter."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``) after each shard."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def merged_tensor(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -294,6 +316,7 @@ def write_merged(model, plan: MergePlan, out_dir: str | os.PathLike, progress: b
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
+    _map_large_buffers()
     deltas = _Deltas(model)
     applied: set[str] = set()
     weight_map: dict[str, str] = {}
