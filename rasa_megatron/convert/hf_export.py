@@ -103,6 +103,8 @@ def export_engine_checkpoint(checkpoint: str | os.PathLike, hf_config: str | os.
         raise ValueError("give at least one output: --merged, --adapter or --peft")
     if len(set(outputs.values())) != len(outputs):
         raise ValueError(f"outputs must be different directories, got {', '.join(map(str, outputs.values()))}")
+    if verify and not (merged or peft):
+        raise ValueError("--verify compares the --merged and --peft exports with the source model; give one of them")
     for target in outputs.values():
         refuse_existing(target, overwrite)
     hf_config = Path(hf_config)
@@ -153,7 +155,7 @@ def export_engine_checkpoint(checkpoint: str | os.PathLike, hf_config: str | os.
             merged_tol = Tolerance(tolerance.max_kl, tolerance.min_top1,
                                    tolerance.atol if merged_dtype <= {"F32", "F64"} else None)
             result = verify_exports(model, base_dir, staged.get("merged"), staged.get("peft"), verify_layers,
-                                    Tolerance(tolerance.max_kl, tolerance.min_top1, tolerance.atol), merged_tol)
+                                    tolerance, merged_tol)
             report["verify"] = result
             failed = [name for name in ("merged", "peft") if name in result and not result[name]["passed"]]
             if failed:
