@@ -23,6 +23,7 @@ from ..inject import rasa_layers
 from ..training.checkpoint import resolve_checkpoint, verify_checkpoint
 from ..training.identity import DESCRIPTION_FILE
 from ..training.state_io import read_json
+from .dist_checkpoint import adapter_from_dist_checkpoint, is_dist_checkpoint
 from .megatron_checkpoint import LAYOUT_FILE, RECIPE_FILE, adapter_from_megatron_checkpoint
 from .merged import DEFAULT_MAX_SHARD_SIZE, human_size, plan_merged, write_merged
 from .output import refuse_existing, staged_output
@@ -51,8 +52,11 @@ class EngineCheckpoint:
 
 def read_engine_checkpoint(path: str | os.PathLike, tag: str | None = None) -> EngineCheckpoint:
     """The adapter of a Megatron-engine (any TP/PP/VPP/EP layout) or DeepSpeed-engine checkpoint (root
-    with ``latest`` or a tag directory), its files first checked against the checkpoint's manifest.
+    with ``latest`` or a tag directory, its files first checked against the checkpoint's manifest), or of
+    a Megatron distributed checkpoint (``torch_dist``, or a Megatron-LM save root) with RaSA keys.
     Raises FileNotFoundError / ValueError naming what is missing, damaged or not a RaSA checkpoint."""
+    if is_dist_checkpoint(path) or (Path(path) / "latest_checkpointed_iteration.txt").is_file():
+        return _read_dist_checkpoint(path)
     root, tag = resolve_checkpoint(path, tag)
     tag_dir = root / tag
     problems = verify_checkpoint(tag_dir)
@@ -82,6 +86,21 @@ def read_engine_checkpoint(path: str | os.PathLike, tag: str | None = None) -> E
     return EngineCheckpoint(tensors, config, recipe,
                             {"checkpoint": str(tag_dir), "engine": engine, "layout": layout,
                              "base_model": description.get("base_model", {})})
+
+
+def _read_dist_checkpoint(path) -> EngineCheckpoint:
+    """A ``torch_dist`` checkpoint: its adapter, and its RaSA config from ``checkpoint.json`` when this
+    project wrote one beside it, else from the adapter's shapes."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        tensors, derived, directory = adapter_from_dist_checkpoint(path)
+    description = read_json(directory / DESCRIPTION_FILE) if (directory / DESCRIPTION_FILE).is_file() else {}
+    config = RaSAConfig.from_dict(description["rasa_config"]) if description.get("rasa_config") else derived
+    return EngineCheckpoint(tensors, config, {}, {"checkpoint": str(directory), "engine": "torch_dist",
+                                                  "layout": description.get("layout", {}),
+                                                  "base_model": description.get("base_model", {})})
 
 
 def _max_lora_rank(model) -> int:

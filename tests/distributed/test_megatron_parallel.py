@@ -79,6 +79,7 @@ def test_dist_checkpoint_written_at_tp2_pp2_loads_on_other_layouts(tmp_path):
     ckpt.mkdir()
     run_worker("megatron_ckpt_worker.py", 4, "--tp", "2", "--pp", "2", "--save", str(ckpt))
     assert (ckpt / "metadata.json").is_file()
+    _converts_offline(ckpt, tmp_path, verify=True)
     for tp, pp, spec in ((1, 1, False), (2, 1, False), (1, 2, True)):  # TP1xPP2: a rasa_layer_spec model loads it
         result = run_worker("megatron_ckpt_worker.py", tp * pp, "--tp", str(tp), "--pp", str(pp), "--load", str(ckpt),
                             *(["--spec"] if spec else []))
@@ -95,11 +96,56 @@ def test_dist_checkpoint_of_a_layer_spec_model_reshards_with_per_layer_keys(tmp_
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     run_worker("megatron_ckpt_worker.py", 2, "--tp", "2", "--save", str(ckpt), "--spec", "--non-homogeneous")
+    _converts_offline(ckpt, tmp_path, verify=False)
     for tp, pp, spec in ((1, 2, False), (1, 1, True)):
         result = run_worker("megatron_ckpt_worker.py", tp * pp, "--tp", str(tp), "--pp", str(pp), "--load", str(ckpt),
                             "--non-homogeneous", *(["--spec"] if spec else []))
         assert result["worst"]["adapter"] == 0.0, (tp, pp, result)
         assert result["worst"]["logits"] <= 1e-5, (tp, pp, result)
+
+
+def _converts_offline(ckpt, tmp_path, verify: bool):
+    """``rasa-convert megatron-to-hf`` of the torch_dist checkpoint in this process (no torch.distributed):
+    the HF adapter equals the reference's exactly; with ``verify`` the merged model and the PEFT adapter
+    give the reference RaSA model's logits within 1e-5 (fp32); a truncated or missing .distcp file exits
+    2 naming it and writes nothing."""
+    import shutil
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from megatron_common import hf_reference
+    from safetensors.torch import load_file
+
+    from rasa_megatron import adapter_state_dict
+    from rasa_megatron.cli.convert import main
+    from rasa_megatron.convert.hf_export import export_engine_checkpoint
+    from rasa_megatron.convert.verify import Tolerance
+
+    ref = hf_reference()
+    base = tmp_path / "base"
+    plain = LlamaForCausalLM(ref.config)
+    plain.load_state_dict(ref.base_state)
+    plain.save_pretrained(base)
+    out = tmp_path / "hf"
+    outputs = {"adapter": out / "adapter", **({"merged": out / "merged", "peft": out / "peft"} if verify else {})}
+    report = export_engine_checkpoint(ckpt, base, base=base, verify=verify, progress=False,
+                                      tolerance=Tolerance(max_kl=1e-8, min_top1=1.0, atol=1e-5), **outputs)
+    converted = load_file(outputs["adapter"] / "rasa_adapter.safetensors")
+    want = {k: v.detach() for k, v in adapter_state_dict(ref.model).items()}
+    assert sorted(converted) == sorted(want) and all(torch.equal(converted[k], want[k]) for k in want)
+    if verify:
+        assert all(report["verify"][n]["passed"] for n in ("merged", "peft")), report["verify"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ckpt, damaged)
+    data_file = sorted(damaged.glob("*.distcp"))[-1]
+    data_file.write_bytes(data_file.read_bytes()[:-200])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["megatron-to-hf", str(damaged), "--hf-config", str(base), "--adapter", str(tmp_path / "again")]
+    assert main(args) == 2
+    data_file.unlink()
+    assert main(args) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 @pytest.mark.parametrize("inject", ["post_build", "spec"])
