@@ -3,13 +3,14 @@
     rasa-convert megatron-to-hf runs/x/checkpoints --hf-config /models/Llama-3.1-70B \\
         --merged out/merged --adapter out/adapter --peft out/peft --verify --verify-layers 2
     rasa-convert megatron-to-hf runs/x/checkpoints/step0000500 --hf-config DIR --merged OUT --dry-run
+    rasa-convert hf-to-megatron /models/Llama-3.1-70B out/llama70b-dist --tp 8 --pp 2 --adapter out/adapter
     rasa-convert check out/merged
 
 megatron-to-hf reads a checkpoint of the Megatron engine (any TP/PP/VPP/EP layout) or of the DeepSpeed
 engine in one process (no torchrun), reading only its adapter tensors. --merged streams the base (--base,
 default: the run's model.path) tensor by tensor. Outputs appear whole or not at all, each with a
 conversion_manifest.json that `check` re-verifies. Exit status: 0 done, 1 --verify or check failed, 2 bad
-input (nothing written).
+input or a failed write (nothing written).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _megatron_to_hf(args) -> int:
     except VerificationError as err:
         print(f"error: {err}; nothing was written", file=sys.stderr)
         return 1
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("\n".join(report["plan"]))
@@ -45,6 +46,21 @@ def _megatron_to_hf(args) -> int:
     if args.peft:
         print(f"serve the PEFT adapter with vLLM --enable-lora --max-lora-rank {report['vllm_max_lora_rank']} "
               f"(LoRA rank {report['max_lora_rank']})")
+    return 0
+
+
+def _hf_to_megatron(args) -> int:
+    from ..megatron.dist_export import hf_to_dist_checkpoint
+
+    try:
+        hf_to_dist_checkpoint(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
+                              adapter=args.adapter, overwrite=args.overwrite,
+                              make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote the torch_dist checkpoint {args.out} (loads at TP {args.tp} x PP {args.pp} and, resharded, "
+          "at any other layout)")
     return 0
 
 
@@ -84,6 +100,16 @@ def main(argv=None) -> int:
     to_hf.add_argument("--verify-atol", type=float, default=1e-4,
                        help="largest |Δlogit| for fp32 exports and PEFT (1e-4; not applied to a bf16/fp16 merged model)")
     to_hf.set_defaults(run=_megatron_to_hf)
+    to_megatron = commands.add_parser("hf-to-megatron", help="a HF model (+ RaSA adapter) -> a Megatron torch_dist checkpoint")
+    to_megatron.add_argument("hf_dir", help="the HF model directory (config.json + safetensors)")
+    to_megatron.add_argument("out", help="the checkpoint directory to write")
+    for flag in ("--tp", "--pp", "--vpp", "--ep"):
+        to_megatron.add_argument(flag, type=int, default=1, help="the layout it is meant for (checked; any loads)")
+    to_megatron.add_argument("--adapter", help="a rasa_megatron adapter directory to place into the RaSA layers")
+    to_megatron.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    to_megatron.add_argument("--make-vocab-size-divisible-by", type=int,
+                             help="pad the vocabulary to a multiple of this x --tp (Megatron-LM's option)")
+    to_megatron.set_defaults(run=_hf_to_megatron)
     check = commands.add_parser("check", help="re-verify a conversion output against its manifest")
     check.add_argument("directory")
     check.set_defaults(run=_check)

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not (args.adapter or args.peft or args.merged):
         parser.error("give at least one of --adapter, --peft, --merged")
-    from ..convert.zero_checkpoint import export_zero_checkpoint
+    from ..convert.hf_export import export_zero_checkpoint
 
     try:
         count = export_zero_checkpoint(args.checkpoint, args.adapter, args.peft, args.merged, base=args.base,

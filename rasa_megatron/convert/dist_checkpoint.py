@@ -89,11 +89,12 @@ def _unsupported(keys) -> list[str]:
                   and re.search(r"(A_private|B_private|diag|A_shared|B_shared)$", k))
 
 
-def adapter_from_dist_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], RaSAConfig, Path]:
+def adapter_from_dist_checkpoint(path: str | os.PathLike, allow_no_adapter: bool = False
+                                 ) -> tuple[dict[str, torch.Tensor], RaSAConfig | None, Path]:
     """``(HF adapter tensors, its RaSAConfig, the checkpoint directory)`` of a ``torch_dist`` checkpoint
     with RaSA keys. ``alpha`` (which only sets the initial diagonal) is recorded as ``2 (r - k)``.
     Raises FileNotFoundError / ValueError naming a missing file, an unknown or unsupported adapter key,
-    or a checkpoint without adapters."""
+    or a checkpoint without adapters (``({}, None, directory)`` for that with ``allow_no_adapter``)."""
     from torch.distributed.checkpoint import FileSystemReader, load
 
     path = resolve_dist_checkpoint(path)
@@ -117,6 +118,8 @@ def adapter_from_dist_checkpoint(path: str | os.PathLike) -> tuple[dict[str, tor
     if unknown:
         raise ValueError(f"{path}: adapter keys of modules this reader does not know: {unknown[:4]} (known: "
                          f"{', '.join(ADAPTER_MODULES)}; Transformer Engine specs are not supported)")
+    if not wanted and allow_no_adapter:
+        return {}, None, path
     if not wanted:
         raise ValueError(f"{path} holds no RaSA adapter keys (A_private, diag, rasa_pools.*): nothing to convert")
     state = {key: torch.empty(tuple(tensors_md[key].size), dtype=tensors_md[key].properties.dtype) for key in wanted}
@@ -154,3 +157,156 @@ def _hf_adapter(state: dict, wanted: dict) -> tuple[dict[str, torch.Tensor], RaS
     leaves = tuple(sorted({t.rsplit(".", 1)[-1] for t in types}))
     r = private + pool_rank
     return out, RaSAConfig(r=r, k=pool_rank, alpha=float(2 * max(private, 1)), target_modules=leaves)
+
+
+class _SliceLoadPlanner:
+    """A torch DCP load planner that fills each buffer of the state dict with the region of its
+    checkpoint tensor starting at ``offsets[fqn]`` (a layer of a layer-stacked tensor): only the
+    stored chunks overlapping that region are read."""
+
+    def __new__(cls, offsets: dict[str, tuple[int, ...]]):
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        class Planner(DefaultLoadPlanner):
+            def create_local_plan(self):
+                items = []
+                for fqn, buffer in self.state_dict.items():
+                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets[fqn]), sizes=buffer.shape)
+                    items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+                return LoadPlan(items)
+
+            def lookup_tensor(self, index):  # the buffer is the region itself, not a sharded tensor
+                return self.state_dict[index.fqn]
+
+        return Planner(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+
+#: HF per-layer tensor -> (Megatron key below ``decoder.layers.``, how to take it from that tensor)
+_LAYER_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                "post_attention_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+class DistBaseWeights:
+    """The base weights of a ``torch_dist`` checkpoint under HF names, read one layer at a time (each
+    layer's slice of the layer-stacked tensors; the other layers stay on disk), converted with the
+    inverse of :func:`~rasa_megatron.convert.megatron_weights.hf_to_megatron`'s layout (fused qkv by
+    query group, fc1 ``[gate; up]``), the vocabulary truncated to the HF config's ``vocab_size`` (Megatron-LM
+    pads it to a multiple of ``make-vocab-size-divisible-by x TP``). The interface of
+    :class:`~rasa_megatron.convert.merged.BaseWeights`."""
+
+    def __init__(self, path: str | os.PathLike, hf_config):
+        self.path = resolve_dist_checkpoint(path)
+        self.hf_config = hf_config
+        metadata = _metadata(self.path)
+        self._metadata = {k: v for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+        if getattr(hf_config, "num_local_experts", None):
+            raise ValueError(f"{self.path}: MoE base weights in a torch_dist checkpoint are not read yet; pass the HF "
+                             "base (--base)")
+        self.per_layer = "decoder.layers.0.self_attention.linear_qkv.weight" in self._metadata
+        required = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
+                    self._layer_key(0, "self_attention.linear_qkv.weight")]
+        missing = [k for k in required if k not in self._metadata]
+        if missing:
+            raise ValueError(f"{self.path} holds no base weights ({missing[0]} missing): pass the HF base (--base)")
+        self.layers = hf_config.num_hidden_layers
+        stacked = self._metadata[self._layer_key(0, "self_attention.linear_qkv.weight")].size
+        if not self.per_layer and stacked[0] != self.layers:
+            raise ValueError(f"{self.path} stacks {stacked[0]} layers, the HF config has {self.layers}")
+        vocab = self._metadata["embedding.word_embeddings.weight"].size[0]
+        if vocab < hf_config.vocab_size:
+            raise ValueError(f"{self.path}: the embedding has {vocab} rows, fewer than the HF config's vocab_size "
+                             f"{hf_config.vocab_size}")
+        self.shape, self.dtype, self.file_of = {}, {}, {}
+        self._cached: tuple[int | None, dict] = (-2, {})
+        for key, shape, dtype in self._plan():
+            self.shape[key], self.dtype[key], self.file_of[key] = shape, dtype, "torch_dist"
+
+    def _layer_key(self, index: int, name: str) -> str:
+        return f"decoder.layers.{index}.{name}" if self.per_layer else f"decoder.layers.{name}"
+
+    def _plan(self):
+        c = self.hf_config
+        d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[
+            self._metadata["embedding.word_embeddings.weight"].properties.dtype]
+        h, i = c.hidden_size, c.intermediate_size
+        yield "model.embed_tokens.weight", (c.vocab_size, h), dtype
+        for n in range(self.layers):
+            p = f"model.layers.{n}."
+            for key, shape in (("self_attn.q_proj.weight", (c.num_attention_heads * d, h)),
+                               ("self_attn.k_proj.weight", (c.num_key_value_heads * d, h)),
+                               ("self_attn.v_proj.weight", (c.num_key_value_heads * d, h)),
+                               ("self_attn.o_proj.weight", (h, c.num_attention_heads * d)),
+                               ("mlp.gate_proj.weight", (i, h)), ("mlp.up_proj.weight", (i, h)),
+                               ("mlp.down_proj.weight", (h, i)), ("input_layernorm.weight", (h,)),
+                               ("post_attention_layernorm.weight", (h,))):
+                yield p + key, shape, dtype
+        yield "model.norm.weight", (h,), dtype
+        if not c.tie_word_embeddings:
+            yield "lm_head.weight", (c.vocab_size, h), dtype
+
+    def keys(self) -> list[str]:
+        return list(self.file_of)
+
+    def nbytes(self, key: str) -> int:
+        count = 1
+        for dim in self.shape[key]:
+            count *= dim
+        return count * (4 if self.dtype[key] == "F32" else 2)
+
+    def _load(self, keys_offsets: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+        import warnings
+
+        from torch.distributed.checkpoint import FileSystemReader, load
+
+        state = {key: torch.empty(shape, dtype=self._metadata[key].properties.dtype)
+                 for key, (_, shape) in keys_offsets.items()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            load(state, storage_reader=FileSystemReader(str(self.path)),
+                 planner=_SliceLoadPlanner({k: o for k, (o, _) in keys_offsets.items()}), no_dist=True)
+        return state
+
+    def _layer(self, n: int) -> dict[str, torch.Tensor]:
+        """The HF tensors of layer ``n`` (read once, kept until another layer is read)."""
+        if self._cached[0] == n:
+            return self._cached[1]
+        names = ["self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.linear_fc1.weight",
+                 "mlp.linear_fc2.weight", *_LAYER_NORMS.values()]
+        wanted = {}
+        for name in names:
+            key = self._layer_key(n, name)
+            size = tuple(self._metadata[key].size)
+            wanted[key] = ((0,) * len(size), size) if self.per_layer else ((n,) + (0,) * (len(size) - 1), (1, *size[1:]))
+        raw = {name: t.reshape(t.shape[1:]) if not self.per_layer else t
+               for name, t in zip(names, self._load(wanted).values())}
+        c = self.hf_config
+        d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        groups = c.num_key_value_heads
+        qkv = raw["self_attention.linear_qkv.weight"].reshape(groups, -1, c.hidden_size)
+        q_rows = c.num_attention_heads // groups * d
+        gate, up = raw["mlp.linear_fc1.weight"].chunk(2)
+        p = f"model.layers.{n}."
+        layer = {p + "self_attn.q_proj.weight": qkv[:, :q_rows].reshape(-1, c.hidden_size),
+                 p + "self_attn.k_proj.weight": qkv[:, q_rows:q_rows + d].reshape(-1, c.hidden_size),
+                 p + "self_attn.v_proj.weight": qkv[:, q_rows + d:].reshape(-1, c.hidden_size),
+                 p + "self_attn.o_proj.weight": raw["self_attention.linear_proj.weight"],
+                 p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                 p + "mlp.down_proj.weight": raw["mlp.linear_fc2.weight"]}
+        layer.update({p + hf: raw[mg] for hf, mg in _LAYER_NORMS.items()})
+        self._cached = (None, {})  # free the previous layer first
+        self._cached = (n, {k: v.contiguous().clone() for k, v in layer.items()})
+        return self._cached[1]
+
+    def read(self, key: str) -> torch.Tensor:
+        if key.startswith("model.layers."):
+            return self._layer(int(key.split(".")[2]))[key]
+        source = {"model.embed_tokens.weight": "embedding.word_embeddings.weight",
+                  "model.norm.weight": "decoder.final_layernorm.weight", "lm_head.weight": "output_layer.weight"}[key]
+        size = tuple(self._metadata[source].size)
+        if source != "decoder.final_layernorm.weight":
+            size = (self.hf_config.vocab_size, *size[1:])  # padded rows left out
+        return self._load({source: ((0,) * len(size), size)})[source]

@@ -2,15 +2,14 @@
 torch.distributed: the project's RaSA adapter, a PEFT LoRA adapter of rank ``r-k+Lk``, a merged model
 streamed tensor by tensor (:mod:`.merged`).
 
-The checkpoint describes itself (RaSA config, base model, layout: ``recipe.json`` / ``checkpoint.json``),
-so no recipe is needed; only the HF config directory of the base (``--hf-config``) and, for the merged
-model, its weights (``--base``, default the run's ``model.path``). Everything is checked before the
-first byte is written; every output is staged beside its target and renamed into place only when all
+The checkpoint describes itself (RaSA config, base model, layout: ``checkpoint.json``, else
+``recipe.json``), so no recipe is needed; only the HF config directory of the base (``--hf-config``)
+and, for the merged model, its weights (``--base``, default the base path the checkpoint records).
+The inputs are checked before the first byte is written; every output is staged beside its target and renamed into place only when all
 outputs are complete (and verified, with ``verify``), with a ``conversion_manifest.json``.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +19,15 @@ import torch
 from ..adapter import export_peft_lora, hf_model_with_adapter, save_adapter
 from ..config import RaSAConfig
 from ..inject import rasa_layers
-from ..training.checkpoint import resolve_checkpoint, verify_checkpoint
+from ..training.checkpoint import MANIFEST as CHECKPOINT_MANIFEST, resolve_checkpoint, verify_checkpoint
 from ..training.identity import DESCRIPTION_FILE
 from ..training.state_io import read_json
 from .dist_checkpoint import adapter_from_dist_checkpoint, is_dist_checkpoint
 from .megatron_checkpoint import LAYOUT_FILE, RECIPE_FILE, adapter_from_megatron_checkpoint
 from .merged import DEFAULT_MAX_SHARD_SIZE, human_size, plan_merged, write_merged
-from .output import refuse_existing, staged_output
-from .verify import Tolerance, verify_exports
+from .output import refuse_existing, refuse_overlapping, staged_outputs
+from .zero_checkpoint import RECIPE_FILE as ZERO_RECIPE_FILE, adapter_tensors_from_zero_checkpoint
+from .verify import Tolerance, truncated_config, verify_exports
 
 
 
@@ -41,7 +41,7 @@ class EngineCheckpoint:
     config, recipe (a dict) and what describes it (engine, tag directory, layout)."""
 
     tensors: dict[str, torch.Tensor]
-    rasa_config: RaSAConfig
+    rasa_config: RaSAConfig | None  # None: a base-only torch_dist checkpoint
     recipe: dict
     description: dict = field(default_factory=dict)
 
@@ -59,7 +59,8 @@ def read_engine_checkpoint(path: str | os.PathLike, tag: str | None = None) -> E
         return _read_dist_checkpoint(path)
     root, tag = resolve_checkpoint(path, tag)
     tag_dir = root / tag
-    problems = verify_checkpoint(tag_dir)
+    # the engines' checkpoints carry a manifest; DeepSpeed's own (or older) ones have none to check
+    problems = verify_checkpoint(tag_dir) if (tag_dir / CHECKPOINT_MANIFEST).is_file() else []
     if problems:
         raise ValueError(f"{tag_dir} is damaged or incomplete ({len(problems)} problems): {'; '.join(problems[:4])}")
     stored_config = None
@@ -68,8 +69,6 @@ def read_engine_checkpoint(path: str | os.PathLike, tag: str | None = None) -> E
         layout = read_json(tag_dir / LAYOUT_FILE)
         engine = "megatron"
     else:
-        from .zero_checkpoint import adapter_tensors_from_zero_checkpoint
-
         tensors, stored_config = adapter_tensors_from_zero_checkpoint(root, tag)
         recipe = read_json(tag_dir / RECIPE_FILE) if (tag_dir / RECIPE_FILE).is_file() else {}
         layout, engine = {}, "deepspeed"
@@ -95,12 +94,26 @@ def _read_dist_checkpoint(path) -> EngineCheckpoint:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        tensors, derived, directory = adapter_from_dist_checkpoint(path)
+        tensors, derived, directory = adapter_from_dist_checkpoint(path, allow_no_adapter=True)
     description = read_json(directory / DESCRIPTION_FILE) if (directory / DESCRIPTION_FILE).is_file() else {}
-    config = RaSAConfig.from_dict(description["rasa_config"]) if description.get("rasa_config") else derived
+    config = RaSAConfig.from_dict(description["rasa_config"]) if description.get("rasa_config") and tensors else derived
     return EngineCheckpoint(tensors, config, {}, {"checkpoint": str(directory), "engine": "torch_dist",
                                                   "layout": description.get("layout", {}),
                                                   "base_model": description.get("base_model", {})})
+
+
+def _dist_base_weights(path, hf_config):
+    """The base weights a torch_dist checkpoint holds (None when it holds none: the HF base is needed)."""
+    from transformers import AutoConfig
+
+    from .dist_checkpoint import DistBaseWeights
+
+    try:
+        return DistBaseWeights(path, AutoConfig.from_pretrained(hf_config))
+    except ValueError as err:
+        if "holds no base weights" in str(err):
+            return None
+        raise
 
 
 def _max_lora_rank(model) -> int:
@@ -122,6 +135,9 @@ def export_engine_checkpoint(checkpoint: str | os.PathLike, hf_config: str | os.
         raise ValueError("give at least one output: --merged, --adapter or --peft")
     if len(set(outputs.values())) != len(outputs):
         raise ValueError(f"outputs must be different directories, got {', '.join(map(str, outputs.values()))}")
+    refuse_overlapping(outputs.values(), [checkpoint, hf_config, *([base] if base else [])])
+    if verify_layers is not None and not verify:
+        raise ValueError("--verify-layers bounds --verify; give --verify too")
     if verify and not (merged or peft):
         raise ValueError("--verify compares the --merged and --peft exports with the source model; give one of them")
     for target in outputs.values():
@@ -130,21 +146,32 @@ def export_engine_checkpoint(checkpoint: str | os.PathLike, hf_config: str | os.
     if not (hf_config / "config.json").is_file():
         raise FileNotFoundError(f"--hf-config {hf_config} has no config.json")
     source = read_engine_checkpoint(checkpoint, tag)
+    if source.rasa_config is None and (adapter or peft):
+        raise ValueError(f"{source.description['checkpoint']} holds no RaSA adapter: only --merged (its base "
+                         "weights as a HF model) can be written")
     try:
-        model = hf_model_with_adapter(str(hf_config), source.rasa_config, source.tensors)
-    except ValueError as err:
+        model = (None if source.rasa_config is None else
+                 hf_model_with_adapter(str(hf_config), source.rasa_config, source.tensors))
+    except Exception as err:  # noqa: BLE001 - transformers' config validation raises its own types
         raise ValueError(f"the checkpoint's adapter does not fit the model of --hf-config {hf_config}: {err}") from err
     run_model = source.recipe.get("model", {})
-    base_dir = base or run_model.get("path")
-    needs_base = merged or verify
+    base_dir = base or run_model.get("path") or source.description.get("base_model", {}).get("path")
+    base_weights = None  # a torch_dist checkpoint's own base weights: they are the model (--base then only verifies)
+    if source.description["engine"] == "torch_dist" and merged:
+        base_weights = _dist_base_weights(source.description["checkpoint"], hf_config)
+    if verify and verify_layers is not None:
+        truncated_config(hf_config, verify_layers)  # the range, before anything is written
+    needs_base = verify or (merged and base_weights is None)
     if needs_base and (base_dir is None or not Path(base_dir).is_dir()):
-        raise FileNotFoundError(f"the base model's weights are needed for {'--merged' if merged else '--verify'}: "
+        raise FileNotFoundError(f"the base model's HF weights are needed for {'--verify' if verify else '--merged'}: "
                                 f"{base_dir!r} is not a directory; pass --base")
-    plan = plan_merged(model, base_dir, hf_config, tokenizer, max_shard_size) if merged else None
-    rank = _max_lora_rank(model)
+    plan = (plan_merged(model, base_weights or base_dir, hf_config, tokenizer, max_shard_size) if merged else None)
+    rank = _max_lora_rank(model) if model is not None else 0
+    what = (f"RaSA r={source.rasa_config.r} k={source.rasa_config.k}" if source.rasa_config else "no adapter")
     lines = [f"source: {source.description['engine']} checkpoint {source.description['checkpoint']} "
-             f"({len(source.tensors)} adapter tensors, {human_size(source.adapter_bytes)} fp32, RaSA r={source.rasa_config.r} "
-             f"k={source.rasa_config.k})"]
+             f"({len(source.tensors)} adapter tensors, {human_size(source.adapter_bytes)}, {what})"]
+    if base_weights is not None:
+        lines.append("base weights: the checkpoint's own (read one layer at a time)")
     if adapter:
         lines.append(f"adapter -> {outputs['adapter']}: rasa_config.json + rasa_adapter.safetensors")
     if peft:
@@ -158,11 +185,10 @@ def export_engine_checkpoint(checkpoint: str | os.PathLike, hf_config: str | os.
         return report
     manifest_source = {k: v for k, v in source.description.items() if v}
     manifest_source["hf_config"] = str(hf_config)
-    if base_dir:
+    if base_dir and base_weights is None:
         manifest_source["base"] = str(base_dir)
-    with contextlib.ExitStack() as stack:
-        staged = {name: stack.enter_context(staged_output(target, manifest_source, overwrite))
-                  for name, target in outputs.items()}
+    inputs = [source.description["checkpoint"], hf_config, *([base_dir] if base_dir and base_weights is None else [])]
+    with staged_outputs(outputs, manifest_source, overwrite, inputs) as staged:
         if adapter:
             save_adapter(model, staged["adapter"])
         if peft:
@@ -194,3 +220,29 @@ def _vllm_rank(rank: int) -> int:
 
 def _metrics(m: dict) -> str:
     return f"max|Δlogit| {m['max_abs_diff']:.3g}, KL {m['kl']:.3g}, top-1 {m['top1_agreement']:.4f}"
+
+
+def export_zero_checkpoint(checkpoint: str | os.PathLike, adapter_dir=None, peft_dir=None, merged_dir=None,
+                           base: str | None = None, tag: str | None = None, overwrite: bool = False) -> int:
+    """Write the requested outputs of a ZeRO checkpoint (root with ``latest`` or a tag directory) through
+    :func:`export_engine_checkpoint` (staged, manifested outputs; the
+    merged model streamed from the base's files).
+
+    ``base``: the base HF checkpoint dir (default: the run's ``model.path`` / ``model.config`` from
+    the checkpoint's ``recipe.json``); ``merged_dir`` needs base weights. Raises FileNotFoundError /
+    ValueError naming what is missing or does not fit, before writing anything. Returns the number
+    of adapter tensors exported."""
+    if not (adapter_dir or peft_dir or merged_dir):
+        raise ValueError("give at least one output: an adapter, a PEFT or a merged directory")
+    root, tag = resolve_checkpoint(checkpoint, tag)
+    recipe_file = root / tag / ZERO_RECIPE_FILE
+    run_model = read_json(recipe_file)["model"] if recipe_file.is_file() else {}
+    config_source = base or run_model.get("path") or run_model.get("config")
+    if config_source is None or not Path(config_source).exists():
+        raise FileNotFoundError(f"no model config found (tried {config_source!r}); pass the base model directory")
+    weights = base or run_model.get("path")
+    if merged_dir and not weights:
+        raise ValueError("a merged model needs base weights: pass the base model directory")
+    report = export_engine_checkpoint(root / tag, config_source, merged=merged_dir, adapter=adapter_dir,
+                                      peft=peft_dir, base=weights, overwrite=overwrite)
+    return report["adapter_tensors"]

@@ -80,15 +80,14 @@ def assemble_hf_adapter(gathered: list[list[tuple]]) -> dict[str, torch.Tensor]:
 
 
 def adapter_from_megatron_checkpoint(tag_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(HF adapter tensors, the run's recipe as a dict)`` of a Megatron-engine checkpoint directory, on
+    """``(HF adapter tensors, the run's recipe as a dict, {} without one)`` of a Megatron-engine checkpoint directory, on
     any layout. Raises FileNotFoundError naming a missing rank file, ValueError naming an incomplete or
     inconsistent piece."""
     from safetensors import safe_open
 
     tag_dir = Path(tag_dir)
-    for name in (LAYOUT_FILE, RECIPE_FILE):
-        if not (tag_dir / name).is_file():
-            raise FileNotFoundError(f"{tag_dir} is not a Megatron-engine checkpoint: {name} is missing")
+    if not (tag_dir / LAYOUT_FILE).is_file():
+        raise FileNotFoundError(f"{tag_dir} is not a Megatron-engine checkpoint: {LAYOUT_FILE} is missing")
     world = int(read_json(tag_dir / LAYOUT_FILE)["world_size"])
     missing = [str(tag_dir / f"{rank_name(r)}{suffix}") for r in range(world)
                for suffix in (".safetensors", PIECES_SUFFIX) if not (tag_dir / f"{rank_name(r)}{suffix}").is_file()]
@@ -109,4 +108,5 @@ def adapter_from_megatron_checkpoint(tag_dir: str | os.PathLike) -> tuple[dict[s
                 pieces.append((record["key"], handle.get_tensor(name), record["dim"], record["tp_rank"],
                                record["rows"], record["layer_dim"], record["expert"]))
         gathered.append(pieces)
-    return assemble_hf_adapter(gathered), read_json(tag_dir / RECIPE_FILE)
+    recipe = read_json(tag_dir / RECIPE_FILE) if (tag_dir / RECIPE_FILE).is_file() else {}
+    return assemble_hf_adapter(gathered), recipe

@@ -161,7 +161,8 @@ def update_map(model, base: BaseWeights) -> dict[str, Update]:
                 key = f"{moe}.{expert}.{leaf}.weight"
                 shape = (unit.out_features if rows is None else rows[1] - rows[0], unit.in_features)
                 if key not in base.shape:
-                    problems.append(f"{name}: the base has neither {fused} nor {key}")
+                    problems.append(f"{name}: the base has neither {fused} nor {key} (expert tensors are read "
+                                    "fused or under Mixtral's block_sparse_moe.experts.{e}.w1/w2/w3 names)")
                 elif base.shape[key] != shape:
                     problems.append(f"{key}: base {base.shape[key]} vs adapter {shape}")
                 else:
@@ -194,7 +195,11 @@ class MergePlan:
         adapter."""
         def working_set(key: str) -> int:
             fp32 = self.base.nbytes(key) // _BYTES.get(self.base.dtype[key], 4) * 4
-            return self.base.nbytes(key) + (3 * fp32 if key in self.updates else 0)
+            update = self.updates.get(key)
+            if update is None:
+                return self.base.nbytes(key)
+            # fp32 copy + sum, and the cached ΔW: the whole [2I, H] for a Mixtral w1 / w3 half
+            return self.base.nbytes(key) + 2 * fp32 + (2 * fp32 if update.rows else fp32)
 
         return max(self.shard_bytes.values()) + max(map(working_set, self.base.file_of)) + adapter_bytes
 
@@ -209,13 +214,13 @@ class MergePlan:
         return lines
 
 
-def plan_merged(model, base_dir: str | os.PathLike, config_dir: str | os.PathLike,
+def plan_merged(model, base_dir, config_dir: str | os.PathLike,
                 tokenizer_dir: str | os.PathLike | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> MergePlan:
-    """Plan the merged model of ``model``'s adapter over the weights in ``base_dir`` (nothing is read but
-    headers): shards in the base's order, ``config.json`` (+ ``generation_config.json``) from
+    """Plan the merged model of ``model``'s adapter (None: the base alone) over the weights in ``base_dir``
+    (a HF directory, or an object with :class:`BaseWeights`' interface; nothing is read but headers): shards in the base's order, ``config.json`` (+ ``generation_config.json``) from
     ``config_dir``, tokenizer files from ``tokenizer_dir`` (default: ``config_dir``, then ``base_dir``)."""
-    base = BaseWeights(base_dir)
-    updates = update_map(model, base)
+    base = base_dir if hasattr(base_dir, "read") else BaseWeights(base_dir)
+    updates = update_map(model, base) if model is not None else {}
     keys = base.keys()
     groups: list[list[str]] = [[]]
     size = 0
@@ -237,7 +242,8 @@ def plan_merged(model, base_dir: str | os.PathLike, config_dir: str | os.PathLik
     for name in CONFIG_FILES:
         if (config_dir / name).is_file():
             plan.copied[name] = config_dir / name
-    sources = [Path(tokenizer_dir)] if tokenizer_dir else [config_dir, Path(base_dir)]
+    sources = ([Path(tokenizer_dir)] if tokenizer_dir else
+               [config_dir, *([] if hasattr(base_dir, "read") else [Path(base_dir)])])
     if tokenizer_dir and not any((Path(tokenizer_dir) / n).is_file() for n in TOKENIZER_FILES):
         raise FileNotFoundError(f"{tokenizer_dir} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
     for source in sources:
@@ -317,7 +323,7 @@ def write_merged(model, plan: MergePlan, out_dir: str | os.PathLike, progress: b
 
     out_dir = Path(out_dir)
     _map_large_buffers()
-    deltas = _Deltas(model)
+    deltas = _Deltas(model) if model is not None else None
     applied: set[str] = set()
     weight_map: dict[str, str] = {}
     total = 0

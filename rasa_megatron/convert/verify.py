@@ -82,6 +82,10 @@ def attach_adapter_(real: nn.Module, adapted: nn.Module) -> nn.Module:
         if index >= len(real_layers):
             continue
         base = real.get_submodule(name)
+        want = wrapper.base_layer
+        if isinstance(wrapper, RaSALinear) and tuple(base.weight.shape) != tuple(want.weight.shape):
+            raise ValueError(f"{name}: the base weights have {tuple(base.weight.shape)}, the adapter expects "
+                             f"{tuple(want.weight.shape)} (--base does not match --hf-config)")
         wrapper.base_layer = base
         if isinstance(wrapper, RaSAExperts):
             for unit in wrapper.children():
@@ -91,10 +95,10 @@ def attach_adapter_(real: nn.Module, adapted: nn.Module) -> nn.Module:
         setattr(real.get_submodule(parent_name), leaf, wrapper)
     setattr(real, POOLS_ATTR, getattr(adapted, POOLS_ATTR))
     object.__setattr__(real, CONFIG_ATTR, config)
-    return real
+    return real.eval()  # the adapted units came from a model in training mode (adapter dropout)
 
 
-def fixed_tokens(vocab_size: int, batch: int = 2, length: int = 32, seed: int = 0) -> torch.Tensor:
+def fixed_tokens(vocab_size: int, batch: int = 4, length: int = 64, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, length), generator=generator)
 
@@ -110,7 +114,9 @@ def verify_exports(adapted: nn.Module, base_dir: str | os.PathLike, merged_dir=N
     """``{"source": ..., "merged": {metrics, "passed"}, "peft": {...}}`` on :func:`fixed_tokens`.
     ``adapted`` (the RaSA model the exports came from) is consumed; ``merged_tolerance`` (default
     ``tolerance``) applies to the merged model, which is stored in the base's dtype."""
-    source = attach_adapter_(load_truncated(base_dir, num_layers), adapted)
+    source = load_truncated(base_dir, num_layers)
+    if adapted is not None:  # None: a base-only conversion, checked against the HF base itself
+        source = attach_adapter_(source, adapted)
     tokens = fixed_tokens(source.config.vocab_size)
     reference = _logits(source, tokens)
     del source

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
@@ -44,31 +43,3 @@ def adapter_tensors_from_zero_checkpoint(path: str | os.PathLike, tag: str | Non
 
         tensors = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True)
     return {k: v.float().contiguous() for k, v in tensors.items()}, json.loads(config_file.read_text())
-
-
-def export_zero_checkpoint(checkpoint: str | os.PathLike, adapter_dir=None, peft_dir=None, merged_dir=None,
-                           base: str | None = None, tag: str | None = None, overwrite: bool = False) -> int:
-    """Write the requested outputs of a ZeRO checkpoint (root with ``latest`` or a tag directory) through
-    :func:`~rasa_megatron.convert.hf_export.export_engine_checkpoint` (staged, manifested outputs; the
-    merged model streamed from the base's files).
-
-    ``base``: the base HF checkpoint dir (default: the run's ``model.path`` / ``model.config`` from
-    the checkpoint's ``recipe.json``); ``merged_dir`` needs base weights. Raises FileNotFoundError /
-    ValueError naming what is missing or does not fit, before writing anything. Returns the number
-    of adapter tensors exported."""
-    from .hf_export import export_engine_checkpoint
-
-    if not (adapter_dir or peft_dir or merged_dir):
-        raise ValueError("give at least one output: an adapter, a PEFT or a merged directory")
-    root, tag = resolve_checkpoint(checkpoint, tag)
-    recipe_file = root / tag / RECIPE_FILE
-    run_model = json.loads(recipe_file.read_text())["model"] if recipe_file.is_file() else {}
-    config_source = base or run_model.get("path") or run_model.get("config")
-    if config_source is None or not Path(config_source).exists():
-        raise FileNotFoundError(f"no model config found (tried {config_source!r}); pass the base model directory")
-    weights = base or run_model.get("path")
-    if merged_dir and not weights:
-        raise ValueError("a merged model needs base weights: pass the base model directory")
-    report = export_engine_checkpoint(root / tag, config_source, merged=merged_dir, adapter=adapter_dir,
-                                      peft=peft_dir, base=weights, overwrite=overwrite)
-    return report["adapter_tensors"]

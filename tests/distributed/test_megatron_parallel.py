@@ -104,6 +104,68 @@ def test_dist_checkpoint_of_a_layer_spec_model_reshards_with_per_layer_keys(tmp_
         assert result["worst"]["logits"] <= 1e-5, (tp, pp, result)
 
 
+def test_hf_to_megatron_writes_a_dist_checkpoint_that_loads_at_tp2_pp2(tmp_path, capsys):
+    """``rasa-convert hf-to-megatron`` (one process, no torchrun) of the reference HF model + its project
+    adapter: the torch_dist checkpoint loads at TP2 x PP2 into a model with another fresh adapter, every
+    adapter tensor then equals the reference's slice exactly and the logits the HF model's within 1e-5;
+    read back offline the adapter is the one given, bit for bit (HF -> Megatron -> HF). Bad input exits
+    2 naming it and writes nothing."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from megatron_common import hf_reference
+
+    from rasa_megatron import export_peft_lora, save_adapter
+    from rasa_megatron.cli.convert import main
+    from rasa_megatron.adapter import hf_model_with_adapter
+    from rasa_megatron.convert.dist_checkpoint import adapter_from_dist_checkpoint
+    from rasa_megatron.convert.merged import plan_merged, write_merged
+
+    ref = hf_reference()
+    base, adapter, ckpt = tmp_path / "base", tmp_path / "adapter", tmp_path / "dist"
+    plain = LlamaForCausalLM(ref.config)
+    plain.load_state_dict(ref.base_state)
+    plain.save_pretrained(base)
+    save_adapter(ref.model, adapter)
+    export_peft_lora(ref.model, tmp_path / "peft")
+    assert main(["hf-to-megatron", str(base), str(ckpt), "--tp", "2", "--pp", "2", "--adapter", str(adapter)]) == 0
+    assert json.loads((ckpt / "checkpoint.json").read_text())["layout"]["tensor_model_parallel_size"] == 2
+    result = run_worker("megatron_ckpt_worker.py", 4, "--tp", "2", "--pp", "2", "--load", str(ckpt))
+    assert result["worst"]["adapter"] == 0.0 and result["worst"]["logits"] <= 1e-5, result
+    tensors, config, _ = adapter_from_dist_checkpoint(ckpt)
+    given = load_file(adapter / "rasa_adapter.safetensors")
+    assert sorted(tensors) == sorted(given) and all(torch.equal(tensors[k], given[k]) for k in given)
+    assert (config.r, config.k) == (ref.rasa.r, ref.rasa.k)
+    # merged from the checkpoint's own base weights (read a layer at a time) == merged from the HF base
+    assert main(["megatron-to-hf", str(ckpt), "--hf-config", str(base), "--merged", str(tmp_path / "m_dist")]) == 0
+    model = hf_model_with_adapter(str(base), ref.rasa, given)
+    (tmp_path / "m_hf").mkdir()
+    write_merged(model, plan_merged(model, base, base), tmp_path / "m_hf", progress=False)
+    from_dist, from_hf = load_file(tmp_path / "m_dist" / "model.safetensors"), load_file(tmp_path / "m_hf" / "model.safetensors")
+    assert sorted(from_dist) == sorted(from_hf) and all(torch.equal(from_dist[k], from_hf[k]) for k in from_hf)
+    # the base alone, vocabulary padded as Megatron-LM pads it, and back: bit-exact, padding truncated
+    assert main(["hf-to-megatron", str(base), str(tmp_path / "dist_base"), "--tp", "2",
+                 "--make-vocab-size-divisible-by", "128"]) == 0
+    from torch.distributed.checkpoint import FileSystemReader
+    rows = FileSystemReader(str(tmp_path / "dist_base")).read_metadata().state_dict_metadata[
+        "embedding.word_embeddings.weight"].size[0]
+    assert rows == 256 > ref.config.vocab_size
+    assert main(["megatron-to-hf", str(tmp_path / "dist_base"), "--hf-config", str(base), "--merged",
+                 str(tmp_path / "round_trip"), "--verify", "--base", str(base), "--verify-atol", "0"]) == 0
+    original, back = load_file(base / "model.safetensors"), load_file(tmp_path / "round_trip" / "model.safetensors")
+    assert sorted(original) == sorted(back) and all(torch.equal(original[k], back[k]) for k in original)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, message in (([str(base), str(ckpt)], "exists; pass --overwrite"),
+                          ([str(base), str(tmp_path / "x"), "--tp", "3"], "not divisible by tensor-parallel size = 3"),
+                          ([str(base), str(tmp_path / "x"), "--adapter", str(tmp_path / "peft")], "is a PEFT LoRA adapter"),
+                          ([str(base), str(tmp_path / "x"), "--ep", "2"], "needs a MoE model")):
+        capsys.readouterr()
+        assert main(["hf-to-megatron", *args]) == 2, args
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def _converts_offline(ckpt, tmp_path, verify: bool):
     """``rasa-convert megatron-to-hf`` of the torch_dist checkpoint in this process (no torch.distributed):
     the HF adapter equals the reference's exactly; with ``verify`` the merged model and the PEFT adapter

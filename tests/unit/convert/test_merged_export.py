@@ -100,6 +100,22 @@ def test_verify_passes_for_faithful_exports_and_fails_for_a_perturbed_one(tmp_pa
     assert report["merged"]["max_abs_diff"] > 10 * strict.atol
 
 
+def test_verify_runs_the_source_without_adapter_dropout(tmp_path):
+    """An adapter trained with dropout: the source model is evaluated in eval mode (no dropout), so a
+    faithful PEFT export passes at fp32 tolerance."""
+    from dataclasses import replace
+
+    from rasa_megatron.adapter import export_peft_lora
+
+    base = _base(tmp_path, "llama", torch.float32)
+    config = replace(DENSE, dropout=0.5)
+    tensors = _adapter(base, config)
+    export_peft_lora(hf_model_with_adapter(str(base), config, tensors), tmp_path / "peft")
+    report = verify_exports(hf_model_with_adapter(str(base), config, tensors), base, None, tmp_path / "peft", None,
+                            Tolerance(max_kl=1e-9, min_top1=1.0, atol=1e-5))
+    assert report["peft"]["passed"], report
+
+
 def test_an_adapter_of_another_model_or_a_truncated_shard_is_named(tmp_path):
     base = _base(tmp_path, "llama", torch.float32)
     other = tmp_path / "wider"

@@ -57,3 +57,40 @@ def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path):
         _write(staging, b"2")
     assert (target / "model.safetensors").read_bytes() == b"2" and check_output(target) == []
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_several_outputs_appear_together_or_not_at_all(tmp_path, monkeypatch):
+    """The last rename failing (disk full) puts back every target as it was: the replaced old output
+    restored, the new ones removed, no temporary left; overlapping outputs are refused up front."""
+    import os
+
+    from rasa_megatron.convert import output
+
+    old = tmp_path / "peft"
+    with staged_output(old, {"n": 1}) as staging:
+        _write(staging, b"old")
+    targets = {"merged": tmp_path / "merged", "adapter": tmp_path / "adapter", "peft": old}
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 4:  # merged, adapter in place; peft set aside; its new copy fails
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(output.os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        with output.staged_outputs(targets, {}, overwrite=True) as staged:
+            for directory in staged.values():
+                _write(directory, b"new")
+    monkeypatch.setattr(output.os, "replace", real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+    assert (old / "model.safetensors").read_bytes() == b"old" and check_output(old) == []
+    for nested in ({"a": tmp_path / "x", "b": tmp_path / "x" / "adapter"}, {"a": tmp_path / "x", "b": tmp_path / "x"}):
+        with pytest.raises(ValueError, match="inside"):
+            with output.staged_outputs(nested, {}):
+                pytest.fail("must not start")
+    with pytest.raises(ValueError, match="overlaps the input"):
+        with output.staged_outputs({"a": tmp_path / "ckpt" / "hf"}, {}, inputs=[tmp_path / "ckpt"]):
+            pytest.fail("must not start")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
