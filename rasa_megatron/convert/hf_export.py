@@ -20,7 +20,7 @@ from ..adapter import export_peft_lora, hf_model_with_adapter, save_adapter
 from ..config import RaSAConfig
 from ..inject import rasa_layers
 from ..training.checkpoint import MANIFEST as CHECKPOINT_MANIFEST, resolve_checkpoint, verify_checkpoint
-from ..training.identity import DESCRIPTION_FILE
+from ..training.identity import DESCRIPTION_FILE, hf_config_fingerprint
 from ..training.state_io import read_json
 from .dist_checkpoint import adapter_from_dist_checkpoint, is_dist_checkpoint
 from .megatron_checkpoint import LAYOUT_FILE, RECIPE_FILE, adapter_from_megatron_checkpoint
@@ -172,6 +172,10 @@ def export_engine_checkpoint(checkpoint: str | os.PathLike, hf_config: str | os.
              f"({len(source.tensors)} adapter tensors, {human_size(source.adapter_bytes)}, {what})"]
     if base_weights is not None:
         lines.append("base weights: the checkpoint's own (read one layer at a time)")
+    recorded = source.description.get("base_model", {}).get("config_sha256")
+    if recorded and recorded != hf_config_fingerprint(hf_config):
+        lines.append(f"warning: the config in --hf-config {hf_config} differs from the one the run recorded "
+                     f"(sha256 {recorded[:12]}); the shapes fit, but check it is the model that was trained")
     if adapter:
         lines.append(f"adapter -> {outputs['adapter']}: rasa_config.json + rasa_adapter.safetensors")
     if peft:

@@ -55,6 +55,14 @@ def _model_config(recipe: Recipe) -> dict:
             if k not in _VOLATILE_CONFIG_KEYS} if source else {}
 
 
+def hf_config_fingerprint(source: str | os.PathLike) -> str:
+    """:func:`config_fingerprint` of a HF config directory (what a converter compares with the run's)."""
+    from transformers import AutoConfig
+
+    config = {k: v for k, v in AutoConfig.from_pretrained(source).to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def config_fingerprint(recipe: Recipe) -> str:
     """sha256 of the model's architecture config alone (the same model at another path or dtype hashes alike)."""
     return hashlib.sha256(json.dumps(_model_config(recipe), sort_keys=True, default=str).encode()).hexdigest()

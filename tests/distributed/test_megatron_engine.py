@@ -284,8 +284,6 @@ def test_a_tp2_pp2_checkpoint_converts_offline_and_every_bad_input_is_refused(wo
         return real_save(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
-    before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(OSError, match="No space left"):
-        main([*convert, *fresh, "--max-shard-size", "40KB"])
-    assert len(calls) == 2 and sorted(p.name for p in tmp_path.iterdir()) == before
+    refused([*convert, *fresh, "--max-shard-size", "40KB"], "No space left on device")
+    assert len(calls) == 2
 
