@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import RaSAConfig
+from .megatron_weights import _head_dim, qkv_split
 from ..training.state_io import read_json
 
 MEGATRON_METADATA = "metadata.json"
@@ -68,6 +69,18 @@ def _metadata(path: Path):
         raise ValueError(f"{path}: the torch DCP metadata (.metadata) is missing or unreadable ({err})") from err
 
 
+def _dcp_load(path: Path, state: dict, planner=None) -> None:
+    """torch DCP ``load`` of ``state``'s keys from ``path`` in this one process (``no_dist``; its warning
+    that no process group exists silenced: that is the point)."""
+    import warnings
+
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
+
+
 def _storage_problems(path: Path, metadata) -> list[str]:
     """Data files ``.metadata`` names that are missing or shorter than the items stored in them."""
     ends: dict[str, int] = {}
@@ -95,8 +108,6 @@ def adapter_from_dist_checkpoint(path: str | os.PathLike, allow_no_adapter: bool
     with RaSA keys. ``alpha`` (which only sets the initial diagonal) is recorded as ``2 (r - k)``.
     Raises FileNotFoundError / ValueError naming a missing file, an unknown or unsupported adapter key,
     or a checkpoint without adapters (``({}, None, directory)`` for that with ``allow_no_adapter``)."""
-    from torch.distributed.checkpoint import FileSystemReader, load
-
     path = resolve_dist_checkpoint(path)
     metadata = _metadata(path)
     tensors_md = {k: v for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
@@ -127,7 +138,7 @@ def adapter_from_dist_checkpoint(path: str | os.PathLike, allow_no_adapter: bool
     if problems:
         raise FileNotFoundError(f"{path}: {len(problems)} data files are missing or truncated: {'; '.join(problems[:4])}")
     try:
-        load(state, storage_reader=FileSystemReader(str(path)), no_dist=True)
+        _dcp_load(path, state)
     except Exception as err:  # noqa: BLE001 - truncated .distcp files raise from deep inside torch
         raise ValueError(f"{path}: reading the adapter failed ({err.__class__.__name__}: {err}); "
                          "is a .distcp file truncated?") from err
@@ -229,7 +240,7 @@ class DistBaseWeights:
 
     def _plan(self):
         c = self.hf_config
-        d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        d = _head_dim(c)
         dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[
             self._metadata["embedding.word_embeddings.weight"].properties.dtype]
         h, i = c.hidden_size, c.intermediate_size
@@ -258,16 +269,9 @@ class DistBaseWeights:
         return count * (4 if self.dtype[key] == "F32" else 2)
 
     def _load(self, keys_offsets: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> dict[str, torch.Tensor]:
-        import warnings
-
-        from torch.distributed.checkpoint import FileSystemReader, load
-
         state = {key: torch.empty(shape, dtype=self._metadata[key].properties.dtype)
                  for key, (_, shape) in keys_offsets.items()}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            load(state, storage_reader=FileSystemReader(str(self.path)),
-                 planner=_SliceLoadPlanner({k: o for k, (o, _) in keys_offsets.items()}), no_dist=True)
+        _dcp_load(self.path, state, _SliceLoadPlanner({k: o for k, (o, _) in keys_offsets.items()}))
         return state
 
     def _layer(self, n: int) -> dict[str, torch.Tensor]:
@@ -283,16 +287,10 @@ class DistBaseWeights:
             wanted[key] = ((0,) * len(size), size) if self.per_layer else ((n,) + (0,) * (len(size) - 1), (1, *size[1:]))
         raw = {name: t.reshape(t.shape[1:]) if not self.per_layer else t
                for name, t in zip(names, self._load(wanted).values())}
-        c = self.hf_config
-        d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        groups = c.num_key_value_heads
-        qkv = raw["self_attention.linear_qkv.weight"].reshape(groups, -1, c.hidden_size)
-        q_rows = c.num_attention_heads // groups * d
+        q, k, v = qkv_split(raw["self_attention.linear_qkv.weight"], self.hf_config)
         gate, up = raw["mlp.linear_fc1.weight"].chunk(2)
         p = f"model.layers.{n}."
-        layer = {p + "self_attn.q_proj.weight": qkv[:, :q_rows].reshape(-1, c.hidden_size),
-                 p + "self_attn.k_proj.weight": qkv[:, q_rows:q_rows + d].reshape(-1, c.hidden_size),
-                 p + "self_attn.v_proj.weight": qkv[:, q_rows + d:].reshape(-1, c.hidden_size),
+        layer = {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
                  p + "self_attn.o_proj.weight": raw["self_attention.linear_proj.weight"],
                  p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
                  p + "mlp.down_proj.weight": raw["mlp.linear_fc2.weight"]}

@@ -20,13 +20,13 @@ from ..adapter import export_peft_lora, hf_model_with_adapter, save_adapter
 from ..config import RaSAConfig
 from ..inject import rasa_layers
 from ..training.checkpoint import MANIFEST as CHECKPOINT_MANIFEST, resolve_checkpoint, verify_checkpoint
-from ..training.identity import DESCRIPTION_FILE, hf_config_fingerprint
+from ..training.identity import DESCRIPTION_FILE, RECIPE_FILE, hf_config_fingerprint
 from ..training.state_io import read_json
 from .dist_checkpoint import adapter_from_dist_checkpoint, is_dist_checkpoint
-from .megatron_checkpoint import LAYOUT_FILE, RECIPE_FILE, adapter_from_megatron_checkpoint
+from .megatron_checkpoint import LAYOUT_FILE, adapter_from_megatron_checkpoint
 from .merged import DEFAULT_MAX_SHARD_SIZE, human_size, plan_merged, write_merged
 from .output import refuse_existing, refuse_overlapping, staged_outputs
-from .zero_checkpoint import RECIPE_FILE as ZERO_RECIPE_FILE, adapter_tensors_from_zero_checkpoint
+from .zero_checkpoint import adapter_tensors_from_zero_checkpoint
 from .verify import Tolerance, truncated_config, verify_exports
 
 
@@ -90,11 +90,7 @@ def read_engine_checkpoint(path: str | os.PathLike, tag: str | None = None) -> E
 def _read_dist_checkpoint(path) -> EngineCheckpoint:
     """A ``torch_dist`` checkpoint: its adapter, and its RaSA config from ``checkpoint.json`` when this
     project wrote one beside it, else from the adapter's shapes."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        tensors, derived, directory = adapter_from_dist_checkpoint(path, allow_no_adapter=True)
+    tensors, derived, directory = adapter_from_dist_checkpoint(path, allow_no_adapter=True)
     description = read_json(directory / DESCRIPTION_FILE) if (directory / DESCRIPTION_FILE).is_file() else {}
     config = RaSAConfig.from_dict(description["rasa_config"]) if description.get("rasa_config") and tensors else derived
     return EngineCheckpoint(tensors, config, {}, {"checkpoint": str(directory), "engine": "torch_dist",
@@ -239,7 +235,7 @@ def export_zero_checkpoint(checkpoint: str | os.PathLike, adapter_dir=None, peft
     if not (adapter_dir or peft_dir or merged_dir):
         raise ValueError("give at least one output: an adapter, a PEFT or a merged directory")
     root, tag = resolve_checkpoint(checkpoint, tag)
-    recipe_file = root / tag / ZERO_RECIPE_FILE
+    recipe_file = root / tag / RECIPE_FILE
     run_model = read_json(recipe_file)["model"] if recipe_file.is_file() else {}
     config_source = base or run_model.get("path") or run_model.get("config")
     if config_source is None or not Path(config_source).exists():

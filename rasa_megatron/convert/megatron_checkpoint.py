@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from ..training.identity import RECIPE_FILE
 from ..training.state_io import read_json
 
 LAYOUT_FILE = "layout.json"
 PIECES_SUFFIX = ".pieces.json"
-RECIPE_FILE = "recipe.json"
 
 
 def rank_name(rank: int) -> str:

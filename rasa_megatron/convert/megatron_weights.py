@@ -192,6 +192,16 @@ def _read(hf_state, key: str, dim: int | None = None, part: int = 0, parts: int 
     return (tensor if dim is None else tensor.chunk(parts, dim=dim)[part]).clone()
 
 
+def qkv_split(qkv: torch.Tensor, hf_config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`_qkv_full`: Megatron fused ``[g (h/g + 2) d, H]`` (whole, or a TP rank's
+    query groups) -> HF q ``[h d, H]``, k and v ``[g d, H]`` (copies)."""
+    hidden, d = qkv.shape[-1], _head_dim(hf_config)
+    q_rows = hf_config.num_attention_heads // hf_config.num_key_value_heads * d
+    grouped = qkv.reshape(-1, q_rows + 2 * d, hidden)
+    return tuple(part.reshape(-1, hidden).clone() for part in
+                 (grouped[:, :q_rows], grouped[:, q_rows:q_rows + d], grouped[:, q_rows + d:]))
+
+
 def megatron_to_hf(states: dict[tuple, dict], hf_config) -> dict[str, torch.Tensor]:
     """The exact inverse of :func:`hf_to_megatron`.
 
@@ -237,9 +247,6 @@ def megatron_to_hf(states: dict[tuple, dict], hf_config) -> dict[str, torch.Tens
             raise ValueError(f"the state of (tp, pp, vp, ep) = {rank} holds {held} experts per layer; "
                              f"num_local_experts = {num_experts} on expert-parallel size = {ep_size} needs "
                              f"{local_experts}: expert-parallel ranks are missing")
-    groups, heads = hf_config.num_key_value_heads, hf_config.num_attention_heads
-    d, hidden = _head_dim(hf_config), hf_config.hidden_size
-
     def cat(key, dim, p=0, v=0):
         return torch.cat([state[(t, p, v, 0)][key] for t in range(tp_size)], dim=dim)
 
@@ -248,11 +255,9 @@ def megatron_to_hf(states: dict[tuple, dict], hf_config) -> dict[str, torch.Tens
         for v in range(vpp_size):
             for local, index in enumerate(stage_layers(hf_config.num_hidden_layers, p, pp_size, v, vpp_size)):
                 src, dst = f"decoder.layers.{local}.", HF_LAYER.format(index)
-                qkv = cat(src + "self_attention.linear_qkv.weight", 0, p, v).reshape(groups, -1, hidden)
-                q_rows = heads // groups * d
-                out[dst + "self_attn.q_proj.weight"] = qkv[:, :q_rows].reshape(-1, hidden).clone()
-                out[dst + "self_attn.k_proj.weight"] = qkv[:, q_rows:q_rows + d].reshape(-1, hidden).clone()
-                out[dst + "self_attn.v_proj.weight"] = qkv[:, q_rows + d:].reshape(-1, hidden).clone()
+                (out[dst + "self_attn.q_proj.weight"], out[dst + "self_attn.k_proj.weight"],
+                 out[dst + "self_attn.v_proj.weight"]) = qkv_split(
+                    cat(src + "self_attention.linear_qkv.weight", 0, p, v), hf_config)
                 out[dst + "self_attn.o_proj.weight"] = cat(src + "self_attention.linear_proj.weight", 1, p, v)
                 if num_experts:  # experts of EP rank e, TP rank 0 (not TP-split): HF experts e E/ep + j
                     out[dst + "mlp.gate.weight"] = state[(0, p, v, 0)][src + "mlp.router.weight"].clone()

@@ -73,8 +73,7 @@ def attach_adapter_(real: nn.Module, adapted: nn.Module) -> nn.Module:
     """Move the RaSA units of ``adapted`` (a RaSA model, base possibly on meta) onto the base modules of
     ``real`` (the same architecture, possibly fewer layers): units of layers ``real`` lacks are left out,
     the pools are shared whole. ``adapted`` is consumed."""
-    layers_path, _ = decoder_layers(real)
-    _, real_layers = decoder_layers(real)
+    layers_path, real_layers = decoder_layers(real)
     config = rasa_config_of(adapted)
     wrappers = [(name, m) for name, m in adapted.named_modules() if isinstance(m, (RaSALinear, RaSAExperts))]
     for name, wrapper in wrappers:

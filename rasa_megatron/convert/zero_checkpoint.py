@@ -17,7 +17,6 @@ import torch
 from ..training.checkpoint import resolve_checkpoint
 
 RASA_CONFIG_FILE = "rasa_config.json"
-RECIPE_FILE = "recipe.json"
 PORTABLE_DIR, PORTABLE_WEIGHTS = "portable", "portable_state.safetensors"  # the DeepSpeed engine's names
 
 

@@ -44,6 +44,15 @@ def _sampled_digest(path: Path, samples: int = 16, width: int = 1 << 16) -> str:
     return sha.hexdigest()
 
 
+def _architecture(config) -> dict:
+    """A transformers config as a dict without loading-time keys."""
+    return {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _model_config(recipe: Recipe) -> dict:
     """The model's architecture config without loading-time keys ({} without a model source)."""
     from transformers import AutoConfig
@@ -51,21 +60,19 @@ def _model_config(recipe: Recipe) -> dict:
     m = recipe.model
     source = m.path or m.config
     kwargs = {"gguf_file": m.gguf_file} if m.gguf_file and source == m.path else {}
-    return {k: v for k, v in AutoConfig.from_pretrained(source, **kwargs).to_dict().items()
-            if k not in _VOLATILE_CONFIG_KEYS} if source else {}
+    return _architecture(AutoConfig.from_pretrained(source, **kwargs)) if source else {}
 
 
 def hf_config_fingerprint(source: str | os.PathLike) -> str:
     """:func:`config_fingerprint` of a HF config directory (what a converter compares with the run's)."""
     from transformers import AutoConfig
 
-    config = {k: v for k, v in AutoConfig.from_pretrained(source).to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return _sha256_json(_architecture(AutoConfig.from_pretrained(source)))
 
 
 def config_fingerprint(recipe: Recipe) -> str:
     """sha256 of the model's architecture config alone (the same model at another path or dtype hashes alike)."""
-    return hashlib.sha256(json.dumps(_model_config(recipe), sort_keys=True, default=str).encode()).hexdigest()
+    return _sha256_json(_model_config(recipe))
 
 
 def model_fingerprint(recipe: Recipe) -> str:
@@ -78,8 +85,7 @@ def model_fingerprint(recipe: Recipe) -> str:
     if m.path is not None and Path(m.path).is_dir():
         weights = {p.name: _sampled_digest(p) for p in sorted(Path(m.path).iterdir())
                    if p.suffix in (".safetensors", ".bin", ".gguf", ".pt")}
-    blob = json.dumps({"config": config, "weights": weights}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return _sha256_json({"config": config, "weights": weights})
 
 
 def _recipe_values(recipe_dict: dict, keys) -> dict:
