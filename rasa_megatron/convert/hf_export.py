@@ -63,6 +63,8 @@ def read_engine_checkpoint(path: str | os.PathLike, tag: str | None = None) -> E
     problems = verify_checkpoint(tag_dir) if (tag_dir / CHECKPOINT_MANIFEST).is_file() else []
     if problems:
         raise ValueError(f"{tag_dir} is damaged or incomplete ({len(problems)} problems): {'; '.join(problems[:4])}")
+    if is_dist_checkpoint(tag_dir):  # the Megatron engine's output.save_format: torch_dist
+        return _read_dist_checkpoint(tag_dir)
     stored_config = None
     if (tag_dir / LAYOUT_FILE).is_file():
         tensors, recipe = adapter_from_megatron_checkpoint(tag_dir)

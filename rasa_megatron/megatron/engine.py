@@ -22,12 +22,14 @@ tensors its shards need.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ..adapter import export_peft_lora, hf_model_with_adapter, save_adapter
+from ..convert.dist_checkpoint import is_dist_checkpoint
 from ..convert.hf_checkpoint import SafetensorsCheckpoint
 from ..convert.megatron_weights import hf_to_megatron, transformer_config_from_hf
 from ..training.control import StopRequest
@@ -40,6 +42,8 @@ from ..training.optim import lr_scheduler, recipe_optimizer
 from ..training.recipe import Recipe
 from ..training.rng import ADAPTER_SEED_OFFSET, seed_everything
 from .checkpoint import load_checkpoint, save_checkpoint
+from .dist_checkpoint import (adapter_sharded_state_dict, load_dist_checkpoint, load_pretrained_checkpoint,
+                              save_dist_checkpoint)
 from .grads import clip_grad_norm, finalize_model_grads_with_rasa
 from .hf_adapter import gather_hf_adapter
 from .inject import apply_rasa_megatron
@@ -128,18 +132,19 @@ def build_chunks(recipe: Recipe, hf_config, parallel_state, cuda: bool):
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     dtype = compute_dtype(recipe)
     moe = bool(getattr(hf_config, "num_local_experts", None))
+    pretrained = mg.pretrained_checkpoint
     tconfig = transformer_config_from_hf(hf_config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                          sequence_parallel=mg.sequence_parallel, params_dtype=dtype,
                                          bf16=dtype == torch.bfloat16,
-                                         # base weights come from the checkpoint: no random init to overwrite
-                                         perform_initialization=recipe.model.path is None,
+                                         # base weights come from a checkpoint: no random init to overwrite
+                                         perform_initialization=recipe.model.path is None and pretrained is None,
                                          **({"expert_model_parallel_size": ep, "expert_tensor_parallel_size": 1}
                                             if moe else {}),
                                          **({"virtual_pipeline_model_parallel_size": vpp} if vpp > 1 else {}))
     if t.gradient_checkpointing:  # Megatron's full recompute of every layer (re-entrant CheckpointFunction)
         tconfig.recompute_granularity, tconfig.recompute_method, tconfig.recompute_num_layers = "full", "uniform", 1
     seed_everything(t.seed)
-    base = SafetensorsCheckpoint(recipe.model.path) if recipe.model.path else None
+    base = SafetensorsCheckpoint(recipe.model.path) if recipe.model.path and pretrained is None else None
     chunks = []
     for v in range(vpp):
         model = build_gpt_model(tconfig, hf_config, pre_process=pp_rank == 0 and v == 0,
@@ -158,6 +163,11 @@ def build_chunks(recipe: Recipe, hf_config, parallel_state, cuda: bool):
     if cuda:
         for chunk in chunks:
             chunk.cuda()
+    if pretrained is not None:  # the base (and the adapter, when the checkpoint holds one) from torch_dist
+        with_adapter = load_pretrained_checkpoint(chunks, pretrained, hf_config)
+        if dist.get_rank() == 0:
+            print(f"initialised from {pretrained}: base weights" + (" and RaSA adapter" if with_adapter else ""),
+                  file=sys.stderr, flush=True)
     return chunks, tconfig
 
 
@@ -219,12 +229,20 @@ def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike 
     stop_request = StopRequest(recipe.output.stop_signals, stop_file_path(recipe, control_dir), recipe.output.max_minutes)
     start = resumed_from = 0
     stop = data.total_steps if stop_step is None else min(data.total_steps, stop_step)
+    torch_dist = recipe.output.save_format == "torch_dist"
+    if torch_dist:  # before any step: every adapter parameter must have a dist-checkpoint entry
+        try:
+            adapter_sharded_state_dict(chunks)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from err
     tag_dir = resume_directory(recipe, resume, stop, identity)
     if tag_dir is not None:
-        start = resumed_from = load_checkpoint(recipe, tag_dir, chunks, torch_optimizers, schedulers, parallel_state)
+        load = load_dist_checkpoint if is_dist_checkpoint(tag_dir) else load_checkpoint
+        start = resumed_from = load(recipe, tag_dir, chunks, torch_optimizers, schedulers, parallel_state)
 
     def save(step):
-        return save_checkpoint(recipe, identity, step, chunks, torch_optimizers, schedulers, parallel_state)
+        return (save_dist_checkpoint if torch_dist else save_checkpoint)(recipe, identity, step, chunks,
+                                                                         torch_optimizers, schedulers, parallel_state)
 
     def step_fn(step, global_batch) -> StepResult:
         micro = [data.samples(indices) for indices in micro_batches_for_rank(global_batch, t.micro_batch_size,

@@ -85,6 +85,10 @@ def model_fingerprint(recipe: Recipe) -> str:
     if m.path is not None and Path(m.path).is_dir():
         weights = {p.name: _sampled_digest(p) for p in sorted(Path(m.path).iterdir())
                    if p.suffix in (".safetensors", ".bin", ".gguf", ".pt")}
+    pretrained = recipe.megatron.pretrained_checkpoint
+    if pretrained is not None and Path(pretrained).is_dir():  # the base weights the Megatron engine loads
+        weights = {f"pretrained_checkpoint/{p.name}": _sampled_digest(p) for p in sorted(Path(pretrained).iterdir())
+                   if p.suffix == ".distcp" or p.name in ("metadata.json", ".metadata")}
     return _sha256_json({"config": config, "weights": weights})
 
 

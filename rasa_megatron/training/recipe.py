@@ -98,7 +98,10 @@ class OutputSection:
     checkpoint every N optimizer steps; ``keep_last``: keep the N newest (pruned only after a new one is
     verified; None keeps all). ``stop_signals``: signals on which every rank finishes its step, the run
     checkpoints and exits with status 99 (SLURM's time-limit / preemption warnings); ``max_minutes``: the
-    same after this much wall time (Megatron-LM's ``--exit-duration-in-mins``)."""
+    same after this much wall time (Megatron-LM's ``--exit-duration-in-mins``). ``save_format``
+    (``engine: megatron``): ``native`` (per-rank shards, resumed on the layout that wrote them) or
+    ``torch_dist`` (a Megatron distributed checkpoint of the adapter and the optimizer state, resumed on
+    any TP x PP x VPP x DP layout by dist-checkpoint resharding)."""
 
     dir: str = "runs/pretrain_rasa"
     save_every: int | None = None
@@ -108,6 +111,10 @@ class OutputSection:
     export_peft: bool = True
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     max_minutes: float | None = None
+    save_format: str = "native"
+
+
+SAVE_FORMATS = ("native", "torch_dist")
 
 
 @dataclass
@@ -117,7 +124,11 @@ class MegatronSection:
     ``use_distributed_optimizer``: Megatron's distributed optimizer (AdamW states and the step sharded
     over data-parallel ranks) instead of a replicated torch optimizer; needs ``train.optimizer: adamw``.
     ``attention``: ``sdpa`` (torch's scaled_dot_product_attention: flash / memory-efficient kernels, no
-    ``s^2`` score tensors) or ``local`` (Megatron's unfused ``DotProductAttention``)."""
+    ``s^2`` score tensors) or ``local`` (Megatron's unfused ``DotProductAttention``).
+    ``pretrained_checkpoint``: a Megatron distributed checkpoint (``torch_dist``: ``rasa-convert
+    hf-to-megatron``, Megatron-LM) whose base weights, and RaSA adapter when it holds one, initialise the
+    model instead of ``model.path``'s safetensors (Megatron-LM's ``--pretrained-checkpoint``); the
+    architecture and tokenizer still come from ``model.path`` / ``model.config``."""
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -126,6 +137,7 @@ class MegatronSection:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     attention: str = "sdpa"
+    pretrained_checkpoint: str | None = None
 
 
 @dataclass
@@ -225,6 +237,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
     recipe.model.path = _resolve(recipe.model.path, base)
     recipe.model.config = _resolve(recipe.model.config, base)
     recipe.model.tokenizer = _resolve(recipe.model.tokenizer, base)
+    recipe.megatron.pretrained_checkpoint = _resolve(recipe.megatron.pretrained_checkpoint, base)
     recipe.data.paths = [_resolve(p, base) for p in recipe.data.paths]
 
 
@@ -324,6 +337,12 @@ def validate_recipe(recipe: Recipe, world_size: int, require_data: bool = True) 
     if not 0 <= t.warmup_ratio < 1:
         raise RecipeError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio!r}")
     _validate_output(recipe.output)
+    if recipe.output.save_format == "torch_dist" and recipe.engine != "megatron":
+        raise RecipeError("output.save_format: torch_dist is the Megatron engine's (engine: megatron); "
+                          f"engine: {recipe.engine} saves native checkpoints")
+    if recipe.engine != "megatron" and recipe.megatron.pretrained_checkpoint is not None:
+        raise RecipeError("megatron.pretrained_checkpoint is read by engine: megatron; with engine: "
+                          f"{recipe.engine} give the HF checkpoint as model.path")
     if recipe.engine == "megatron":
         return t.global_batch_size // per_step
     if recipe.deepspeed is None:
@@ -352,6 +371,8 @@ def _validate_output(o: OutputSection) -> None:
         raise RecipeError(f"output.stop_signals: {err}") from err
     if o.max_minutes is not None and not (isinstance(o.max_minutes, (int, float)) and o.max_minutes > 0):
         raise RecipeError(f"output.max_minutes must be a positive number or null, got {o.max_minutes!r}")
+    if o.save_format not in SAVE_FORMATS:
+        raise RecipeError(f"output.save_format={o.save_format!r}; valid: {list(SAVE_FORMATS)}")
 
 
 def _validate_megatron(recipe: Recipe, world_size: int) -> int:
@@ -380,6 +401,15 @@ def _validate_megatron(recipe: Recipe, world_size: int) -> int:
     if mg.use_distributed_optimizer and recipe.train.optimizer != "adamw":
         raise RecipeError(f"megatron.use_distributed_optimizer: true needs train.optimizer: adamw (Megatron's "
                           f"distributed optimizer is Adam/AdamW or SGD), got {recipe.train.optimizer!r}")
+    if recipe.output.save_format == "torch_dist" and mg.use_distributed_optimizer:
+        raise RecipeError("output.save_format: torch_dist with megatron.use_distributed_optimizer: true is not "
+                          "supported (the distributed optimizer's flat shards of the pipeline-sharded RaSA pools "
+                          "are not resharded); use save_format: native or the replicated torch optimizer")
+    if mg.pretrained_checkpoint is not None:
+        if not (Path(mg.pretrained_checkpoint) / "metadata.json").is_file():
+            raise RecipeError(f"megatron.pretrained_checkpoint {mg.pretrained_checkpoint!r} is not a Megatron "
+                              "distributed checkpoint (a directory with metadata.json naming a sharded backend; "
+                              "write one with rasa-convert hf-to-megatron)")
     if recipe.adapter.method == "full":
         raise RecipeError("engine: megatron trains adapters (adapter.method rasa or lora); use engine: deepspeed "
                           "for full fine-tuning")

@@ -11,17 +11,20 @@ import numpy as np
 import torch
 
 from rasa_megatron import adapter_state_dict
+from rasa_megatron.adapter import assign_adapter_tensors_
 from rasa_megatron.training.data import collate, global_batch_plan, load_raw_dataset, load_tokenizer, tokenize_dataset
 from rasa_megatron.training.model import build_hf_model
 from rasa_megatron.training.optim import cosine_with_warmup
 from rasa_megatron.training.recipe import Recipe
 
 
-def reference_run(recipe: Recipe, steps: int, dropout_seed: int | None = None
+def reference_run(recipe: Recipe, steps: int, dropout_seed: int | None = None,
+                  initial_adapter: dict[str, torch.Tensor] | None = None
                   ) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
     """Losses per global step, the final adapter tensors (fp32) and the global gradient norm (before
     clipping) per step. ``dropout_seed``: reseed torch after building the model (the Megatron engine
-    seeds its dropout streams after the adapter init), so both draw the same dropout masks."""
+    seeds its dropout streams after the adapter init), so both draw the same dropout masks.
+    ``initial_adapter``: start from these adapter tensors instead of the recipe's init."""
     from lion_pytorch import Lion
 
     tokenizer = load_tokenizer(recipe)
@@ -31,6 +34,8 @@ def reference_run(recipe: Recipe, steps: int, dropout_seed: int | None = None
     steps_per_epoch = len(dataset) // t.global_batch_size
     total = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     model = build_hf_model(recipe)
+    if initial_adapter is not None:
+        assign_adapter_tensors_(model, initial_adapter)
     model.train()
     if dropout_seed is not None:
         torch.manual_seed(dropout_seed)

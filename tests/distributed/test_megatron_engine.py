@@ -149,16 +149,20 @@ def test_megatron_engine_bf16_tracks_the_fp32_reference(workspace, tmp_path, dis
     assert all(t.dtype == torch.float32 for t in adapter.values())
 
 
-@pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["torch_adamw", "distopt"])
-def test_megatron_engine_resume_reproduces_uninterrupted_run(workspace, tmp_path, distributed_optimizer):
+@pytest.mark.parametrize("distributed_optimizer,save_format", [(False, "native"), (True, "native"),
+                                                                (False, "torch_dist")],
+                         ids=["torch_adamw", "distopt", "torch_dist"])
+def test_megatron_engine_resume_reproduces_uninterrupted_run(workspace, tmp_path, distributed_optimizer, save_format):
     """engine: megatron at PP2 (1F1B over 2 stages, pipeline-sharded pools): stop after step 2 of 4
     (checkpoint: per-rank adapter shards, optimizer, scheduler, RNG), resume with --resume: steps 3-4
     and the final adapter equal the uninterrupted run (adapter dropout on, so the RNG restore
     matters; rel 1e-6 / abs 1e-6). ``distopt``: the state saved is that of the torch AdamW inside
-    Megatron's distributed optimizer. Resuming on another layout is refused, naming the difference."""
+    Megatron's distributed optimizer. ``torch_dist``: the same through a Megatron distributed
+    checkpoint on its own layout (every rank's RNG restored). A native checkpoint resumed on another
+    layout is refused, naming the difference."""
     extra = {"adapter": {"dropout": 0.1}, "train": {"optimizer": "adamw", "max_steps": 4},
              "megatron": {"pipeline_model_parallel_size": 2, "use_distributed_optimizer": distributed_optimizer},
-             "model": {"path": tiny_checkpoint(workspace, "tiny_llama4")}}
+             "model": {"path": tiny_checkpoint(workspace, "tiny_llama4")}, "output": {"save_format": save_format}}
 
     full = tmp_path / "full"
     launch(make_megatron_recipe(workspace, full, **extra), 2)
@@ -172,6 +176,9 @@ def test_megatron_engine_resume_reproduces_uninterrupted_run(workspace, tmp_path
     a = load_file(full / "adapter" / "rasa_adapter.safetensors")
     b = load_file(part / "adapter" / "rasa_adapter.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    if save_format == "torch_dist":
+        assert (part / "checkpoints" / "step0000002" / "metadata.json").is_file()
+        return
 
     from rasa_megatron.megatron.checkpoint import check_resume_layout
 
@@ -287,3 +294,71 @@ def test_a_tp2_pp2_checkpoint_converts_offline_and_every_bad_input_is_refused(wo
     refused([*convert, *fresh, "--max-shard-size", "40KB"], "No space left on device")
     assert len(calls) == 2
 
+
+
+def test_hf_to_megatron_then_the_engine_trains_and_resumes_a_torch_dist_checkpoint_on_another_layout(workspace,
+                                                                                                      tmp_path):
+    """HF base + an adapter (the recipe's init with non-zero B) -> ``rasa-convert hf-to-megatron --tp 2
+    --pp 2`` -> ``engine: megatron`` initialised from it (``megatron.pretrained_checkpoint``) at TP2 x PP2
+    (4 processes) with ``output.save_format: torch_dist``, stopped after step 2 of 4, resumed at TP1 x PP1
+    x DP2 (2 processes: adapter and AdamW states resharded from pipeline-sharded pools and TP shards to
+    whole ones on two data-parallel ranks): all four losses and gradient norms equal the single-process
+    HF reference started from that adapter (rel 1e-5), the final adapter within 1e-5 (fp32; the same
+    arithmetic in another order), and the final torch_dist checkpoint converts offline to that adapter
+    bit for bit. Without the optimizer-state reshard, step 3 would differ."""
+    from reference import reference_run
+
+    from rasa_megatron import adapter_state_dict, save_adapter
+    from rasa_megatron.cli.convert import main as convert
+    from rasa_megatron.convert.hf_export import read_engine_checkpoint
+    from rasa_megatron.training.model import build_hf_model
+    from rasa_megatron.training.recipe import load_recipe
+
+    base, dist_ckpt, out = tiny_checkpoint(workspace, "tiny_llama4"), tmp_path / "dist", tmp_path / "run"
+    extra = {"train": {"optimizer": "adamw", "max_steps": 4}, "model": {"path": base},
+             "output": {"save_format": "torch_dist"}}
+    model = build_hf_model(load_recipe(make_megatron_recipe(workspace, tmp_path / "init", **extra)))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("B_private", "B_shared")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    save_adapter(model, tmp_path / "adapter")
+    initial = {key: value.detach().clone() for key, value in adapter_state_dict(model).items()}
+    assert convert(["hf-to-megatron", str(base), str(dist_ckpt), "--tp", "2", "--pp", "2",
+                    "--adapter", str(tmp_path / "adapter")]) == 0
+
+    pretrained = {"pretrained_checkpoint": str(dist_ckpt)}
+    first = make_megatron_recipe(workspace, out, megatron={"tensor_model_parallel_size": 2,
+                                                           "pipeline_model_parallel_size": 2, **pretrained}, **extra)
+    proc = launch(first, 4, "--stop-after", "2")
+    assert "base weights and RaSA adapter" in proc.stderr
+    step2 = out / "checkpoints" / "step0000002"
+    assert (step2 / "metadata.json").is_file() and not list(step2.glob("*.pieces.json"))
+    second = make_megatron_recipe(workspace, out, megatron=pretrained, **extra)
+    proc = launch(second, 2, "--resume")
+    assert "resharded" in proc.stderr
+
+    recipe = load_recipe(first)
+    ref_losses, ref_adapter, ref_norms = reference_run(recipe, 4, initial_adapter=initial)
+    np.testing.assert_allclose(read_losses(out), ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(read_metric(out, "grad_norm"), ref_norms, rtol=1e-5)
+    saved = load_file(out / "adapter" / "rasa_adapter.safetensors")
+    assert_adapters_close(saved, ref_adapter, "adamw", recipe.train.lr)
+    offline = read_engine_checkpoint(out / "checkpoints")
+    assert offline.description["checkpoint"].endswith("step0000004")
+    assert sorted(offline.tensors) == sorted(saved) and all(torch.equal(offline.tensors[k], saved[k]) for k in saved)
+    assert offline.rasa_config.to_dict() == recipe.rasa_config().to_dict()
+    # a padded vocabulary, or the checkpoint of another model, is refused before any step, naming it
+    assert convert(["hf-to-megatron", str(base), str(tmp_path / "padded"), "--make-vocab-size-divisible-by",
+                    "1000"]) == 0
+    for checkpoint, message in ((tmp_path / "padded", "its vocabulary is padded to 50000 rows"),
+                                (dist_ckpt, "cannot load the pretrained weights from")):
+        other = tmp_path / f"refused_{checkpoint.name}"
+        model = {"path": tiny_checkpoint(workspace, "tiny_llama" if checkpoint == dist_ckpt else "tiny_llama4")}
+        proc = launch(make_megatron_recipe(workspace, other, megatron={"pretrained_checkpoint": str(checkpoint)},
+                                           **{**extra, "model": model}), 1, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+        if checkpoint == dist_ckpt:
+            assert "Global shape mismatch" in proc.stderr.split(message)[1].splitlines()[0]
+        assert not (other / "metrics.csv").exists()

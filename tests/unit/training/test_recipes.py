@@ -182,6 +182,33 @@ def test_megatron_recipe_layout_is_validated():
         validate_recipe(recipe, world_size=64, require_data=False)
 
 
+def test_torch_dist_save_format_and_pretrained_checkpoint_are_validated(tmp_path):
+    """output.save_format and megatron.pretrained_checkpoint: bad values are refused, naming them and what
+    would be valid."""
+    recipe = load_recipe(CONFIGS / "llama3_70b_rasa_megatron.yaml")
+    recipe.train.optimizer = "adamw"
+    recipe.output.save_format = "torch_dist"
+    assert validate_recipe(recipe, world_size=64, require_data=False) == 192 // 4
+    recipe.megatron.use_distributed_optimizer = True
+    with pytest.raises(RecipeError, match=r"save_format: torch_dist with megatron.use_distributed_optimizer: true"):
+        validate_recipe(recipe, world_size=64, require_data=False)
+    recipe.megatron.use_distributed_optimizer = False
+    recipe.output.save_format = "distcp"
+    with pytest.raises(RecipeError, match=r"output.save_format='distcp'; valid: \['native', 'torch_dist'\]"):
+        validate_recipe(recipe, world_size=64, require_data=False)
+    recipe.output.save_format = "native"
+    recipe.megatron.pretrained_checkpoint = str(tmp_path)
+    with pytest.raises(RecipeError, match=r"pretrained_checkpoint .* is not a Megatron distributed checkpoint"):
+        validate_recipe(recipe, world_size=64, require_data=False)
+    deepspeed = load_recipe(CONFIGS / "llama3_8b_rasa.yaml")
+    deepspeed.output.save_format = "torch_dist"
+    with pytest.raises(RecipeError, match=r"save_format: torch_dist is the Megatron engine's"):
+        validate_recipe(deepspeed, world_size=8, require_data=False)
+    deepspeed.output.save_format, deepspeed.megatron.pretrained_checkpoint = "native", str(tmp_path)
+    with pytest.raises(RecipeError, match=r"megatron.pretrained_checkpoint is read by engine: megatron"):
+        validate_recipe(deepspeed, world_size=8, require_data=False)
+
+
 def test_megatron_moe_layout_is_validated():
     mixtral = load_recipe(CONFIGS / "mixtral_8x7b_rasa_megatron.yaml")
     assert mixtral.engine == "megatron" and mixtral.megatron.expert_model_parallel_size == 8

@@ -1,0 +1,227 @@
+"""Megatron distributed checkpoints (``torch_dist``) in the Megatron engine: resume checkpoints that
+reshard (``output.save_format: torch_dist``) and model initialisation from one
+(``megatron.pretrained_checkpoint``).
+
+A resume checkpoint ``checkpoints/step{N:07d}/`` holds, through ``megatron.core.dist_checkpointing``,
+the adapter entries of every chunk's own ``sharded_state_dict`` (the frozen base comes from the model
+again) and the torch optimizer's per-parameter states laid out like their parameters
+(``optimizer.state.<exp_avg|...>.<parameter key>``, Megatron's ``optim_state_to_sharding_state``), so
+both load on any TP x PP x VPP x DP layout; beside them ``rank{r:05d}.safetensors/.json`` (step, LR
+schedulers, optimizer hyperparameters and scalar states such as AdamW's ``step``, RNG) and the run's
+records (``checkpoint.json`` with the layout). On the layout that wrote it every rank restores its own
+RNG (dropout streams continue exactly); on another one the dropout streams are reseeded from
+``(seed, step)`` (masks then differ from an uninterrupted run's, as they must: their shapes differ).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..convert.dist_checkpoint import resolve_dist_checkpoint
+from ..convert.megatron_checkpoint import rank_name
+from ..training.checkpoint import checkpoint_root, save_checkpoint_dir
+from ..training.identity import DESCRIPTION_FILE, write_run_record
+from ..training.rng import rng_state, set_rng_state
+from ..training.state_io import load_state, read_json, save_state
+from .checkpoint import layout
+from .sharding import layout_free_key
+
+#: the prefix of the optimizer states' keys (Megatron's)
+OPTIMIZER_PREFIX = "optimizer.state"
+
+
+def _sharded_entries(chunk) -> dict:
+    """The ShardedTensor / ShardedTensorFactory entries of ``chunk.sharded_state_dict()`` (no objects)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    return {key: entry for key, entry in chunk.sharded_state_dict().items()
+            if isinstance(entry, (ShardedTensor, ShardedTensorFactory))}
+
+
+def _stored_key(entry) -> str:
+    """The key an entry is stored under (pool factories build layout-free keys)."""
+    return layout_free_key(entry.key)
+
+
+def adapter_sharded_state_dict(chunks: list) -> dict:
+    """``{"chunk{v}": {key: entry}}``: the trainable (adapter) entries of each chunk's sharded state dict.
+    Raises ValueError when a trainable parameter has no entry (a module without dist-checkpoint support)."""
+    trainable = {id(p): name for v, chunk in enumerate(chunks) for name, p in chunk.named_parameters()
+                 if p.requires_grad}
+    entries = {f"chunk{v}": {k: e for k, e in _sharded_entries(chunk).items() if id(e.data) in trainable}
+               for v, chunk in enumerate(chunks)}
+    covered = {id(e.data) for chunk_entries in entries.values() for e in chunk_entries.values()}
+    missing = [name for key, name in trainable.items() if key not in covered]
+    if missing:
+        raise ValueError(f"output.save_format: torch_dist: {len(missing)} adapter parameters have no "
+                         f"dist-checkpoint entry ({missing[:3]}; RaSA on MoE experts is not covered yet): "
+                         "use output.save_format: native")
+    return entries
+
+
+def _optimizer_params(optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _split_optimizer_state(optimizer) -> tuple[dict, dict, list[str]]:
+    """``(per-parameter tensor states {index: {name: tensor}}, scalar states {name: tensor}, tensor state
+    names)`` of a torch optimizer; scalar states (AdamW's ``step``) must agree over the parameters."""
+    state = optimizer.state_dict()["state"]
+    tensors, scalars = {}, {}
+    for index, param_state in state.items():
+        tensors[index] = {}
+        for name, value in param_state.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[index][name] = value
+                continue
+            value = torch.as_tensor(value)
+            if name in scalars and not torch.equal(scalars[name], value):
+                raise ValueError(f"optimizer state {name!r} differs between parameters; it cannot be resharded")
+            scalars[name] = value
+    names = sorted({name for param_state in tensors.values() for name in param_state})
+    return tensors, scalars, names
+
+
+def _sharded_optimizer_state(optimizer, model_entries: dict, tensors: dict) -> dict:
+    """Megatron's sharding of ``tensors`` ({index: {name: tensor}}) like the parameters they belong to."""
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+
+    state = {"state": tensors, "param_groups": []}
+    optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_entries,
+                                                                            _optimizer_params(optimizer)))
+    return state["state"]
+
+
+def save_dist_checkpoint(recipe, identity: dict, step: int, chunks: list, optimizers: list, schedulers: list,
+                         parallel_state) -> Path:
+    """The resume checkpoint after ``step`` in ``torch_dist`` format (collective; the shared save
+    protocol: staged, manifested, ``latest`` last, ``output.keep_last``)."""
+    from megatron.core import dist_checkpointing, tensor_parallel
+
+    (optimizer,) = optimizers  # the replicated torch optimizer (the distributed one is refused by the recipe)
+    run_layout = layout(parallel_state, recipe.megatron.use_distributed_optimizer)
+
+    def write(directory: Path) -> None:
+        model_entries = adapter_sharded_state_dict(chunks)
+        tensors, scalars, names = _split_optimizer_state(optimizer)
+        sharded = {"model": model_entries,
+                   "optimizer": _sharded_optimizer_state(optimizer, model_entries, tensors)}
+        dist_checkpointing.save(sharded, str(directory))
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.state_dict()["param_groups"]]
+        save_state(directory, rank_name(dist.get_rank()),
+                   {"step": step, "schedulers": [s.state_dict() for s in schedulers], "param_groups": groups,
+                    "optimizer_scalars": scalars, "optimizer_states": names,
+                    "rng": {**rng_state(), "megatron_tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}})
+        if dist.get_rank() == 0:
+            write_run_record(directory, recipe, identity, step, {**run_layout, "save_format": "torch_dist"})
+
+    return save_checkpoint_dir(checkpoint_root(recipe.output.dir), step, write, recipe.output.keep_last)
+
+
+def _load(sharded: dict, path: Path, what: str) -> dict:
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        return dist_checkpointing.load(sharded, str(path))
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - shape / key mismatches surface deep in DCP
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]  # DCP: per-rank tracebacks
+        raise SystemExit(f"error: cannot load {what} from {path}: {lines[-1] if lines else err.__class__.__name__} "
+                         "(another model or adapter config?)") from err
+
+
+def _targets(entries: dict) -> dict:
+    """``{(chunk, key): the tensor an entry fills}``, taken before loading (which replaces the entries)."""
+    return {(chunk, key): entry.data for chunk, chunk_entries in entries.items() for key, entry in chunk_entries.items()}
+
+
+@torch.no_grad()
+def _copy_loaded(targets: dict, loaded: dict) -> None:
+    for (chunk, key), tensor in targets.items():
+        tensor.copy_(loaded[chunk][key])
+
+
+def load_dist_checkpoint(recipe, tag_dir: Path, chunks: list, optimizers: list, schedulers: list,
+                         parallel_state) -> int:
+    """Restore a ``torch_dist`` resume checkpoint on this (any) layout; returns the step to continue from."""
+    from megatron.core import tensor_parallel
+
+    tag_dir = Path(tag_dir)
+    (optimizer,) = optimizers
+    saved_layout = read_json(tag_dir / DESCRIPTION_FILE)["layout"]
+    current = {**layout(parallel_state, recipe.megatron.use_distributed_optimizer), "save_format": "torch_dist"}
+    same_layout = saved_layout == current
+    own = load_state(tag_dir, rank_name(dist.get_rank() if same_layout else 0))
+    model_entries = adapter_sharded_state_dict(chunks)
+    params = _optimizer_params(optimizer)
+    templates = {i: {name: torch.empty_like(p) for name in own["optimizer_states"]} for i, p in enumerate(params)}
+    targets = _targets(model_entries)
+    sharded = {"model": model_entries, "optimizer": _sharded_optimizer_state(optimizer, model_entries, templates)}
+    loaded = _load(sharded, tag_dir, "the adapter and optimizer state")
+    _copy_loaded(targets, loaded["model"])
+    state = {i: {**{name: loaded["optimizer"][i][name] for name in own["optimizer_states"]},
+                 **{name: value.clone() for name, value in own["optimizer_scalars"].items()}}
+             for i in range(len(params))}
+    groups = optimizer.state_dict()["param_groups"]
+    if len(groups) != len(own["param_groups"]):
+        raise SystemExit(f"error: cannot resume: the checkpoint's optimizer has {len(own['param_groups'])} "
+                         f"parameter groups, this run's {len(groups)}")
+    groups = [{**saved, "params": group["params"]} for group, saved in zip(groups, own["param_groups"])]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for scheduler, saved in zip(schedulers, own["schedulers"], strict=True):
+        scheduler.load_state_dict(saved)
+    step = int(own["step"])
+    if same_layout:
+        set_rng_state(own["rng"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(own["rng"]["megatron_tracker"])
+    else:
+        seed = recipe.train.seed + 1_000_003 * step
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+        if dist.get_rank() == 0:
+            print(f"resuming {tag_dir} (written at {_layout_text(saved_layout)}) at {_layout_text(current)}: "
+                  "adapter and optimizer state resharded; dropout streams reseeded from (seed, step)",
+                  file=sys.stderr, flush=True)
+    return step
+
+
+def _layout_text(values: dict) -> str:
+    return (f"TP{values['tensor_model_parallel_size']} x PP{values['pipeline_model_parallel_size']} x "
+            f"VPP{values['virtual_pipeline_model_parallel_size']} x EP{values['expert_model_parallel_size']}, "
+            f"world {values['world_size']}")
+
+
+def load_pretrained_checkpoint(chunks: list, path, hf_config) -> bool:
+    """Fill this rank's chunks from the ``torch_dist`` checkpoint ``path``: every base tensor (required),
+    and the RaSA adapter when the checkpoint holds one (else the recipe's init stays). Returns whether an
+    adapter was loaded. Raises SystemExit naming a missing key, a padded vocabulary or a shape mismatch."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = resolve_dist_checkpoint(path)
+    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    embedding = stored.get("embedding.word_embeddings.weight")
+    if embedding is not None and embedding.size[0] != hf_config.vocab_size:
+        raise SystemExit(f"error: megatron.pretrained_checkpoint {path}: its vocabulary is padded to "
+                         f"{embedding.size[0]} rows, the model has vocab_size {hf_config.vocab_size}; convert "
+                         "without --make-vocab-size-divisible-by")
+    trainable = {id(p) for chunk in chunks for p in chunk.parameters() if p.requires_grad}
+    base, adapter = {}, {}
+    for v, chunk in enumerate(chunks):
+        for key, entry in _sharded_entries(chunk).items():
+            (adapter if id(entry.data) in trainable else base).setdefault(f"chunk{v}", {})[key] = entry
+    every = [e for part in (base, adapter) for entries in part.values() for e in entries.values()]
+    has_adapter = any(_stored_key(e) in stored for entries in adapter.values() for e in entries.values())
+    wanted = every if has_adapter else [e for entries in base.values() for e in entries.values()]
+    missing = sorted({_stored_key(e) for e in wanted if _stored_key(e) not in stored})
+    if missing:
+        raise SystemExit(f"error: megatron.pretrained_checkpoint {path} lacks {len(missing)} tensors this model "
+                         f"needs ({missing[:3]}): is it of another model"
+                         + (" or adapter config?" if has_adapter else "?"))
+    request = {**base, **({f"adapter_{k}": v for k, v in adapter.items()} if has_adapter else {})}
+    targets = _targets(request)
+    _copy_loaded(targets, _load(request, path, "the pretrained weights"))
+    return has_adapter
