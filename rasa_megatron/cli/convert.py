@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     to_megatron.add_argument("out", help="the checkpoint directory to write")
     for flag in ("--tp", "--pp", "--vpp", "--ep"):
         to_megatron.add_argument(flag, type=int, default=1, help="the layout it is meant for (checked; any loads)")
-    to_megatron.add_argument("--adapter", help="a rasa_megatron adapter directory to place into the RaSA layers")
+    to_megatron.add_argument("--adapter", help="a rasa_megatron adapter directory, or a PEFT LoRA (this project's export, or any LoRA as "
+                                  "RaSA k = 0), to place into the RaSA layers")
     to_megatron.add_argument("--overwrite", action="store_true", help="replace an existing output")
     to_megatron.add_argument("--make-vocab-size-divisible-by", type=int,
                              help="pad the vocabulary to a multiple of this x --tp (Megatron-LM's option)")

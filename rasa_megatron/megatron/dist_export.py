@@ -25,18 +25,19 @@ from ..config import RaSAConfig
 from ..convert.hf_checkpoint import SafetensorsCheckpoint
 from ..convert.megatron_weights import hf_to_megatron, transformer_config_from_hf
 from ..convert.output import staged_output
+from ..convert.peft_import import rasa_from_peft_lora
 from ..parallel_layout import check_divisible, check_parallel_sizes
 from ..training.identity import DESCRIPTION_FILE, DESCRIPTION_FORMAT, DESCRIPTION_VERSION
 from ..training.state_io import write_json
 
 
 def _read_rasa_adapter(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], RaSAConfig]:
+    """The project adapter in ``adapter_dir``, or a PEFT LoRA (a RaSA export, or any LoRA as k = 0) turned
+    into RaSA tensors with the same per-layer updates (``convert.peft_import``)."""
     from safetensors.torch import load_file
 
     if (adapter_dir / PEFT_CONFIG_FILE).is_file() and not (adapter_dir / CONFIG_FILE).is_file():
-        raise ValueError(f"{adapter_dir} is a PEFT LoRA adapter: its rank-R factors no longer say which ranks were "
-                         "private and which pooled; give the project adapter (rasa_config.json + "
-                         "rasa_adapter.safetensors) of the same run")
+        return rasa_from_peft_lora(adapter_dir)
     meta = read_adapter_config(adapter_dir)
     return load_file(adapter_dir / WEIGHTS_FILE), RaSAConfig.from_dict(meta["rasa_config"])
 
@@ -82,7 +83,7 @@ def hf_to_dist_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, tp:
     """Write the ``torch_dist`` checkpoint of the HF model in ``hf_dir`` (+ the project adapter ``adapter``)
     to ``out`` (staged, manifested, renamed into place). Returns what ``checkpoint.json`` records. Raises
     ValueError / FileNotFoundError / FileExistsError naming what does not fit, before writing anything.
-    ``make_vocab_size_divisible_by``: pad the embedding and output layer with zero rows as Megatron-LM
+    ``adapter``: the project adapter or a PEFT LoRA export. ``make_vocab_size_divisible_by``: pad the embedding and output layer with zero rows as Megatron-LM
     does (``megatron-to-hf`` truncates them again)."""
     from megatron.core import dist_checkpointing
     from transformers import AutoConfig

@@ -155,10 +155,18 @@ def test_hf_to_megatron_writes_a_dist_checkpoint_that_loads_at_tp2_pp2(tmp_path,
                  str(tmp_path / "round_trip"), "--verify", "--base", str(base), "--verify-atol", "0"]) == 0
     original, back = load_file(base / "model.safetensors"), load_file(tmp_path / "round_trip" / "model.safetensors")
     assert sorted(original) == sorted(back) and all(torch.equal(original[k], back[k]) for k in original)
+    # the PEFT export of the same adapter: placed with its r and k, read back as the tensors it imports to
+    from rasa_megatron.convert.peft_import import rasa_from_peft_lora
+
+    assert main(["hf-to-megatron", str(base), str(tmp_path / "dist_peft"), "--adapter", str(tmp_path / "peft")]) == 0
+    imported, imported_config = rasa_from_peft_lora(tmp_path / "peft")
+    tensors, config, _ = adapter_from_dist_checkpoint(tmp_path / "dist_peft")
+    assert (config.r, config.k) == (imported_config.r, imported_config.k) == (ref.rasa.r, ref.rasa.k)
+    assert sorted(tensors) == sorted(imported) and all(torch.equal(tensors[k], imported[k]) for k in imported)
     before = sorted(p.name for p in tmp_path.iterdir())
     for args, message in (([str(base), str(ckpt)], "exists; pass --overwrite"),
                           ([str(base), str(tmp_path / "x"), "--tp", "3"], "not divisible by tensor-parallel size = 3"),
-                          ([str(base), str(tmp_path / "x"), "--adapter", str(tmp_path / "peft")], "is a PEFT LoRA adapter"),
+                          ([str(base), str(tmp_path / "x"), "--adapter", str(tmp_path)], "rasa_config.json not found"),
                           ([str(base), str(tmp_path / "x"), "--ep", "2"], "needs a MoE model")):
         capsys.readouterr()
         assert main(["hf-to-megatron", *args]) == 2, args

@@ -1,0 +1,130 @@
+"""A PEFT LoRA adapter directory -> RaSA adapter tensors (``adapter_state_dict`` keys) with the same
+per-layer update ``ΔW_i``: this project's PEFT exports back into RaSA layers, and any plain PEFT LoRA
+as RaSA with ``k = 0``.
+
+A RaSA export (``adapter.export_peft_lora``) writes per layer ``lora_A = [A_i ; A_S]`` and ``lora_B =
+[B_i | B_S] diag(D_i)``: the pooled rows of ``lora_A`` are bit-identical in every layer of a module type,
+which gives ``L k`` (and so ``r``, ``k``). The split of ``lora_B``'s pooled columns into the shared
+``B_S`` and per-layer diagonals is recovered up to a scale per pool column (the update is exact):
+``B_S[:, j]`` is the column of the layer where it is largest, ``D_i[j]`` the least-squares ratio (the
+residual must vanish, else the file is not a RaSA export); private ranks get ``B_i = lora_B`` and ``D = 1``.
+PEFT's ``lora_alpha / r`` scaling (``/ sqrt(r)`` with rsLoRA) is folded into ``B``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
+from ..config import RaSAConfig
+
+_KEY = re.compile(r"^base_model\.model\.(?P<layers>.+?\.layers)\.(?P<i>\d+)\.(?P<path>.+)\.lora_(?P<ab>[AB])\.weight$")
+#: a pool column's relative residual above this is not a shared column times a diagonal entry (fp32 exports
+#: reproduce it to ~1e-7)
+RESIDUAL_TOLERANCE = 1e-4
+
+
+def is_peft_lora(path: str | os.PathLike) -> bool:
+    return (Path(path) / PEFT_CONFIG_FILE).is_file() and (Path(path) / PEFT_WEIGHTS_FILE).is_file()
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    if not is_peft_lora(path):
+        raise FileNotFoundError(f"{path} is not a PEFT LoRA adapter (needs {PEFT_CONFIG_FILE} and {PEFT_WEIGHTS_FILE})")
+    config = json.loads((path / PEFT_CONFIG_FILE).read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r}; only LoRA adapters are read")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise ValueError(f"{path}: {key} {config[key]} (module types of different ranks) is not supported: "
+                             "RaSA has one r and k for every module type")
+    if config.get("target_parameters"):
+        raise ValueError(f"{path}: target_parameters {config['target_parameters']} (MoE expert weights) are not "
+                         "read back yet; convert the project adapter (rasa_config.json) of the same run")
+    for key in ("use_dora", "lora_bias"):
+        if config.get(key):
+            raise ValueError(f"{path}: {key} is set; a DoRA / biased LoRA has no RaSA equivalent")
+    return config, load_file(path / PEFT_WEIGHTS_FILE)
+
+
+def _split_pool(name: str, lora_B: list[torch.Tensor], private: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(B_S [b, P], [D_i pooled part [P]])`` from the per-layer pooled columns ``lora_B_i[:, private:]``."""
+    stacked = torch.stack([b[:, private:].double() for b in lora_B])  # [L, b, P]
+    norms = stacked.norm(dim=1)  # [L, P]
+    reference = norms.argmax(dim=0)  # per column, the layer where it is largest
+    shared = stacked[reference, :, torch.arange(stacked.shape[-1])].T  # [b, P]
+    square = (shared * shared).sum(0)
+    diag = torch.where(square > 0, (stacked * shared).sum(1) / square.clamp(min=1e-300), torch.zeros_like(square))
+    residual = (stacked - shared * diag[:, None, :]).norm(dim=1)
+    worst = (residual / norms.clamp(min=1e-30)).masked_fill(norms == 0, 0).max().item() if stacked.numel() else 0.0
+    if worst > RESIDUAL_TOLERANCE:
+        raise ValueError(f"{name}: the pooled columns of lora_B are not one shared column times a per-layer "
+                         f"diagonal (relative residual {worst:.2g} > {RESIDUAL_TOLERANCE}): not a RaSA export")
+    return shared.to(lora_B[0].dtype), [d.to(lora_B[0].dtype) for d in diag]
+
+
+def rasa_from_peft_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], RaSAConfig]:
+    """``(adapter tensors with adapter_state_dict keys, RaSAConfig)`` of the PEFT LoRA directory ``path``.
+    Raises FileNotFoundError / ValueError naming what does not fit (missing factors, layers of a module
+    type with different ranks, pooled rows that do not give one k, unsupported PEFT options)."""
+    path = Path(path)
+    config, tensors = _read(path)
+    factors: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    for key, value in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise ValueError(f"{path}: tensor {key!r} is not a decoder-layer lora_A / lora_B weight")
+        factors[(match["layers"], match["path"])][int(match["i"])][match["ab"]] = value
+    if not factors:
+        raise ValueError(f"{path} holds no LoRA tensors")
+    rank = config.get("r")
+    scale = config.get("lora_alpha", rank) / (rank ** 0.5 if config.get("use_rslora") else rank)
+    out: dict[str, torch.Tensor] = {}
+    shapes = set()
+    for (layers_path, module), by_layer in sorted(factors.items()):
+        indices = sorted(by_layer)
+        incomplete = [i for i in indices if set(by_layer[i]) != {"A", "B"}]
+        if incomplete:
+            raise ValueError(f"{path}: {layers_path}.{incomplete[0]}.{module} lacks lora_A or lora_B")
+        lora_A = [by_layer[i]["A"] for i in indices]
+        lora_B = [by_layer[i]["B"] * scale for i in indices]
+        R = lora_A[0].shape[0]
+        if any(a.shape[0] != R for a in lora_A) or any(b.shape[1] != R for b in lora_B):
+            raise ValueError(f"{path}: the layers of {module} have LoRA factors of different ranks")
+        pooled = 0  # trailing rows of lora_A bit-identical in every layer (with one layer: none pooled)
+        while len(indices) > 1 and pooled < R and all(torch.equal(a[R - pooled - 1], lora_A[0][R - pooled - 1])
+                                                      for a in lora_A[1:]):
+            pooled += 1
+        layers = len(indices)
+        if pooled % layers:
+            raise ValueError(f"{path}: {module}: {pooled} rows of lora_A are shared by its {layers} layers, not a "
+                             "multiple of the layer count: not a RaSA export")
+        k = pooled // layers
+        shapes.add((R - pooled + k, k))
+        private = R - pooled
+        shared_B, pool_diag = _split_pool(module, lora_B, private) if pooled else (None, [None] * layers)
+        for n, i in enumerate(indices):
+            prefix = f"{layers_path}.{i}.{module}."
+            if private:
+                out[prefix + "A_private"] = lora_A[n][:private].contiguous()
+                out[prefix + "B_private"] = lora_B[n][:, :private].contiguous()
+            ones = torch.ones(private, dtype=lora_B[n].dtype)
+            out[prefix + "diag"] = torch.cat([ones] + ([pool_diag[n]] if pooled else []))
+        if pooled:
+            pool = f"rasa_pools.{module}."
+            out[pool + "A_shared"] = lora_A[0][private:].contiguous()
+            out[pool + "B_shared"] = shared_B.contiguous()
+    if len(shapes) != 1:
+        raise ValueError(f"{path}: module types give different (r, k): {sorted(shapes)}; RaSA has one r and k")
+    (r, k), = shapes
+    leaves = sorted({module.rsplit(".", 1)[-1] for _, module in factors})
+    rasa_config = RaSAConfig(r=r, k=k, alpha=2.0 * max(r - k, 1), dropout=float(config.get("lora_dropout") or 0.0),
+                             target_modules=tuple(leaves))
+    return out, rasa_config
