@@ -171,6 +171,37 @@ CASES = {  # name: (model, optimizer, deepspeed config or None, megatron section
 }
 
 
+def megatron_torch_dist_case(paths: dict, work: Path, gpu: bool, log: Path, timeout) -> dict:
+    """``rasa-convert hf-to-megatron`` on this machine (with CUDA: Megatron's real RNG tracker, no CPU
+    stand-ins), then the Megatron engine initialised from that checkpoint (``megatron.pretrained_checkpoint``)
+    with ``output.save_format: torch_dist``, stopped after step 2 and resumed: its losses against the
+    ``megatron_recompute_sdpa`` run of the same recipe from the HF directory (same precision)."""
+    dist_dir = work / "llama_torch_dist"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           **({} if gpu else {"CUDA_VISIBLE_DEVICES": ""})}
+    convert = subprocess.run([sys.executable, "-c", "import sys; from rasa_megatron.cli.convert import main; "
+                              "sys.exit(main(sys.argv[1:]))", "hf-to-megatron", paths["llama"], str(dist_dir)],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=max(1.0, timeout()))
+    with open(log, "a") as handle:
+        handle.write(f"\n=== hf-to-megatron\n{convert.stdout}{convert.stderr}")
+    if convert.returncode != 0:
+        raise RuntimeError(f"hf-to-megatron failed ({convert.returncode}): {convert.stderr[-500:]}")
+    part = work / "megatron_torch_dist"
+    path = recipe(paths, part, "llama", "bf16" if gpu else "fp32", "adamw", None,
+                  {"attention": "sdpa", "pretrained_checkpoint": str(dist_dir)})
+    data = yaml.safe_load(path.read_text())
+    data["output"]["save_format"] = "torch_dist"
+    path.write_text(yaml.safe_dump(data))
+    statuses = [launch(path, gpu, "--stop-after", "2", log=log, timeout=timeout())[1]]
+    statuses.append(launch(path, gpu, "--resume", log=log, timeout=timeout())[1])
+    got, full = metrics(part), metrics(work / "megatron_recompute_sdpa")
+    rel = worst_rel(got["loss"], full["loss"])
+    return {"exit_statuses": statuses, "losses": got["loss"], "from_hf_losses": full["loss"], "loss_rel": rel,
+            "torch_dist": (part / "checkpoints" / "step0000002" / "metadata.json").is_file(),
+            "passed": statuses == [0, 0] and rel <= 1e-3
+                      and (part / "checkpoints" / "step0000002" / "metadata.json").is_file()}
+
+
 def adapter_init_on_cuda() -> dict:
     """apply_rasa on a CUDA model (bf16 base) draws the CPU model's adapter exactly (issue 13, item 10)."""
     import torch
@@ -304,6 +335,12 @@ def main(argv=None) -> int:
                                          "passed": statuses == [0, 0] and worst_rel(got["loss"], full["loss"]) <= 1e-3})
     except Exception as err:  # noqa: BLE001
         record("zero3_portable_resume", {"passed": False, "error": str(err)})
+    try:
+        if timeout() < 60:
+            raise RuntimeError(f"skipped: the time budget ({args.budget:.0f} s) is spent")
+        record("megatron_torch_dist_from_hf_to_megatron", megatron_torch_dist_case(paths, work, gpu, log, timeout))
+    except Exception as err:  # noqa: BLE001
+        record("megatron_torch_dist_from_hf_to_megatron", {"passed": False, "error": str(err)})
     if gpu:
         try:
             record("adapter_init_on_cuda", adapter_init_on_cuda())
