@@ -98,3 +98,25 @@ def test_what_is_not_a_rasa_lora_is_refused_naming_it(tmp_path):
             rasa_from_peft_lora(tmp_path / "peft")
     with pytest.raises(FileNotFoundError, match="is not a PEFT LoRA adapter"):
         rasa_from_peft_lora(tmp_path)
+
+
+def test_hf_to_megatron_refuses_an_expert_adapter_and_writes_nothing(tmp_path, capsys):
+    """Experts in torch_dist checkpoints are not written yet: a Mixtral adapter on its experts exits 2,
+    naming it, before anything is written."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from rasa_megatron import save_adapter
+    from rasa_megatron.cli.convert import main
+
+    config = MixtralConfig(vocab_size=96, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = MixtralForCausalLM(config)
+    model.save_pretrained(tmp_path / "base")
+    apply_rasa(model, RaSAConfig(r=4, k=1, alpha=8, target_modules=("q_proj",),
+                                 target_parameters=("mlp.experts.gate_up_proj",)))
+    save_adapter(model, tmp_path / "adapter")
+    capsys.readouterr()
+    assert main(["hf-to-megatron", str(tmp_path / "base"), str(tmp_path / "out"), "--adapter",
+                 str(tmp_path / "adapter")]) == 2
+    assert "adapts MoE experts" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
