@@ -7,6 +7,7 @@ once, final adapter 1e-6.
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -201,10 +202,16 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(uninterrupt
 
 @pytest.mark.parametrize("engine", ["deepspeed", "megatron"])
 def test_resuming_another_run_is_refused_before_any_step(engine, workspace, tmp_path):
-    """A checkpoint after step 2, then --resume with another model (other weights of the same shapes), RaSA
-    config, data set or global batch: each refused naming what differs, no step taken."""
+    """A checkpoint after step 2, then --resume with another model (other weights of the same shapes):
+    the engine refuses before any step, naming it. Another RaSA config, data set or global batch are
+    refused by the same check (``run_identity`` of the changed recipe against the checkpoint's
+    ``run.json``, what both engines call), here in this process, each naming what differs."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from rasa_megatron.training.data import load_tokenizer, prepare_training_data
+    from rasa_megatron.training.identity import check_resume_identity, run_identity
+    from rasa_megatron.training.recipe import load_recipe
 
     out = tmp_path / "run"
     launch(engine_recipe(engine, workspace, out), 2, "--stop-after", "2")
@@ -214,15 +221,21 @@ def test_resuming_another_run_is_refused_before_any_step(engine, workspace, tmp_
         for param in model.parameters():
             param.add_(0.01)
     model.save_pretrained(other_model)
+    proc = launch(engine_recipe(engine, workspace, out, model={"path": str(other_model)}), 2, "--resume", check=False)
+    assert proc.returncode != 0 and "model (config and weight files, sha256)" in proc.stdout + proc.stderr, \
+        (proc.stdout + proc.stderr)[-2000:]
+    assert steps_logged(out) == [1, 2]
     other_data = tmp_path / "other.jsonl"
     other_data.write_text("".join(line.replace("The answer", "So the answer") + "\n"
                                   for line in (workspace / "sft.jsonl").read_text().splitlines()))
-    cases = {"model": ({"model": {"path": str(other_model)}}, "model (config and weight files, sha256)"),
-             "adapter": ({"adapter": {"r": 8}}, "adapter.r 4 -> 8"),
+    cases = {"adapter": ({"adapter": {"r": 8}}, "adapter.r 4 -> 8"),
              "data": ({"data": {"paths": [str(other_data)]}}, "tokenised data (sha256)"),
              "batch": ({"train": {"global_batch_size": 16}}, "train.global_batch_size 8 -> 16")}
+    checkpoint = out / "checkpoints" / "step0000002"
     for name, (change, message) in cases.items():
-        recipe = engine_recipe(engine, workspace, out, **change)
-        proc = launch(recipe, 2, "--resume", check=False)
-        assert proc.returncode != 0 and message in proc.stdout + proc.stderr, (name, (proc.stdout + proc.stderr)[-2000:])
-        assert steps_logged(out) == [1, 2], name
+        recipe = load_recipe(engine_recipe(engine, workspace, tmp_path / name, **change))
+        data = prepare_training_data(recipe, load_tokenizer(recipe))
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            check_resume_identity(checkpoint, run_identity(recipe, data.sha256))
+    same = load_recipe(engine_recipe(engine, workspace, tmp_path / "same"))
+    check_resume_identity(checkpoint, run_identity(same, prepare_training_data(same, load_tokenizer(same)).sha256))
