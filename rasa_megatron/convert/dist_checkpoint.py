@@ -18,6 +18,7 @@ import torch
 
 from ..config import RaSAConfig
 from .megatron_weights import _head_dim, qkv_split
+from .merged import tensor_nbytes
 from ..training.state_io import read_json
 
 MEGATRON_METADATA = "metadata.json"
@@ -263,10 +264,7 @@ class DistBaseWeights:
         return list(self.file_of)
 
     def nbytes(self, key: str) -> int:
-        count = 1
-        for dim in self.shape[key]:
-            count *= dim
-        return count * (4 if self.dtype[key] == "F32" else 2)
+        return tensor_nbytes(self.shape[key], self.dtype[key])
 
     def _load(self, keys_offsets: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> dict[str, torch.Tensor]:
         state = {key: torch.empty(shape, dtype=self._metadata[key].properties.dtype)

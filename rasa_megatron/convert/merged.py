@@ -36,6 +36,14 @@ _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
           "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+def tensor_nbytes(shape, dtype: str) -> int:
+    """Bytes of a tensor of ``shape`` and safetensors dtype name ``dtype`` ("BF16", "F32", ...)."""
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * _BYTES.get(dtype, 4)
+
+
 def parse_size(text: str | int) -> int:
     """Bytes of ``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1000"`` (GB = 10^9 as in transformers, GiB = 2^30)."""
     if isinstance(text, int):
@@ -91,10 +99,7 @@ class BaseWeights:
         return sorted(self.file_of, key=lambda k: (self.file_of[k], _natural(k)))
 
     def nbytes(self, key: str) -> int:
-        count = 1
-        for dim in self.shape[key]:
-            count *= dim
-        return count * _BYTES.get(self.dtype[key], 4)
+        return tensor_nbytes(self.shape[key], self.dtype[key])
 
     def read(self, key: str) -> torch.Tensor:
         from safetensors import SafetensorError, safe_open
