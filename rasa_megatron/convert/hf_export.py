@@ -157,6 +157,9 @@ def export_engine_checkpoint(checkpoint: str | os.PathLike, hf_config: str | os.
     base_weights = None  # a torch_dist checkpoint's own base weights: they are the model (--base then only verifies)
     if source.description["engine"] == "torch_dist" and merged:
         base_weights = _dist_base_weights(source.description["checkpoint"], hf_config)
+    pretrained = source.description.get("base_model", {}).get("pretrained_checkpoint")
+    if merged and base_weights is None and base is None and pretrained:  # the weights the run trained on
+        base_weights = _dist_base_weights(pretrained, hf_config)
     if verify and verify_layers is not None:
         truncated_config(hf_config, verify_layers)  # the range, before anything is written
     needs_base = verify or (merged and base_weights is None)

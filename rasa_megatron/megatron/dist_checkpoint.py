@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ..convert.dist_checkpoint import resolve_dist_checkpoint
 from ..convert.megatron_checkpoint import rank_name
 from ..training.checkpoint import checkpoint_root, save_checkpoint_dir
+from ..training.control import agree
 from ..training.identity import DESCRIPTION_FILE, write_run_record
 from ..training.rng import rng_state, set_rng_state
 from ..training.state_io import load_state, read_json, save_state
@@ -157,6 +158,9 @@ def load_dist_checkpoint(recipe, tag_dir: Path, chunks: list, optimizers: list, 
     from megatron.core import tensor_parallel
 
     tag_dir = Path(tag_dir)
+    if recipe.megatron.use_distributed_optimizer:
+        raise SystemExit(f"error: cannot resume {tag_dir}: it is a torch_dist checkpoint, which resumes with the "
+                         "replicated torch optimizer; set megatron.use_distributed_optimizer: false")
     (optimizer,) = optimizers
     saved_layout = read_json(tag_dir / DESCRIPTION_FILE)["layout"]
     current = {**layout(parallel_state, recipe.megatron.use_distributed_optimizer), "save_format": "torch_dist"}
@@ -220,17 +224,21 @@ def load_pretrained_checkpoint(chunks: list, path, hf_config) -> bool:
         for key, entry in _sharded_entries(chunk).items():
             (adapter if id(entry.data) in trainable else base).setdefault(f"chunk{v}", {})[key] = entry
     every = [e for part in (base, adapter) for entries in part.values() for e in entries.values()]
-    has_adapter = any(_stored_key(e) in stored for entries in adapter.values() for e in entries.values())
-    if has_adapter and any(getattr(e.data, "allreduce", True) is False for entries in adapter.values()
-                           for e in entries.values()):
-        raise SystemExit(f"error: megatron.pretrained_checkpoint {path}: RaSA adapters on MoE experts are not read "
-                         "from torch_dist checkpoints yet; give the base-only checkpoint and the adapter's init")
+    # every rank decides alike (stages hold different keys): a refusal on one rank only would leave the
+    # others waiting in the collective load
+    has_adapter = bool(agree(float(any(_stored_key(e) in stored for entries in adapter.values()
+                                       for e in entries.values())), "max"))
+    experts = has_adapter and any(getattr(e.data, "allreduce", True) is False for entries in adapter.values()
+                                  for e in entries.values())
     wanted = every if has_adapter else [e for entries in base.values() for e in entries.values()]
     missing = sorted({_stored_key(e) for e in wanted if _stored_key(e) not in stored})
-    if missing:
-        raise SystemExit(f"error: megatron.pretrained_checkpoint {path} lacks {len(missing)} tensors this model "
-                         f"needs ({missing[:3]}): is it of another model"
-                         + (" or adapter config?" if has_adapter else "?"))
+    if agree(float(experts or bool(missing)), "max"):
+        if experts:
+            raise SystemExit(f"error: megatron.pretrained_checkpoint {path}: RaSA adapters on MoE experts are not "
+                             "read from torch_dist checkpoints yet; give the base-only checkpoint")
+        raise SystemExit(f"error: megatron.pretrained_checkpoint {path} lacks tensors this model needs"
+                         + (f" ({len(missing)} on this rank: {missing[:3]})" if missing else " on another rank")
+                         + ": is it of another model" + (" or adapter config?" if has_adapter else "?"))
     request = {**base, **({f"adapter_{k}": v for k, v in adapter.items()} if has_adapter else {})}
     targets = _targets(request)
     _copy_loaded(targets, _load(request, path, "the pretrained weights"))

@@ -111,6 +111,7 @@ def checkpoint_description(recipe: Recipe, identity: dict, step: int, layout: di
     return {"format": DESCRIPTION_FORMAT, "format_version": DESCRIPTION_VERSION, "engine": recipe.engine,
             "step": step, "method": recipe.adapter.method, "rasa_config": None if config is None else config.to_dict(),
             "base_model": {"path": m.path, "config": m.config, "gguf_file": m.gguf_file,
+                           "pretrained_checkpoint": recipe.megatron.pretrained_checkpoint,
                            "config_sha256": identity.get("config_sha256"), "model_sha256": identity["model_sha256"]},
             "layout": layout}
 

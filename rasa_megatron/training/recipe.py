@@ -409,7 +409,8 @@ def _validate_megatron(recipe: Recipe, world_size: int) -> int:
         if not (Path(mg.pretrained_checkpoint) / "metadata.json").is_file():
             raise RecipeError(f"megatron.pretrained_checkpoint {mg.pretrained_checkpoint!r} is not a Megatron "
                               "distributed checkpoint (a directory with metadata.json naming a sharded backend; "
-                              "write one with rasa-convert hf-to-megatron)")
+                              "write one with rasa-convert hf-to-megatron; of a Megatron-LM save root give its "
+                              "iter_NNNNNNN directory)")
     if recipe.adapter.method == "full":
         raise RecipeError("engine: megatron trains adapters (adapter.method rasa or lora); use engine: deepspeed "
                           "for full fine-tuning")

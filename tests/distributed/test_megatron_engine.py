@@ -178,6 +178,13 @@ def test_megatron_engine_resume_reproduces_uninterrupted_run(workspace, tmp_path
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     if save_format == "torch_dist":
         assert (part / "checkpoints" / "step0000002" / "metadata.json").is_file()
+        # a native-saving run with the distributed optimizer cannot take the torch_dist checkpoint's state
+        distopt = make_megatron_recipe(workspace, tmp_path / "distopt", **{**extra, "output": {"save_format": "native"},
+                                                           "megatron": {**extra["megatron"],
+                                                                        "use_distributed_optimizer": True}})
+        proc = launch(distopt, 2, "--resume", str(part / "checkpoints" / "step0000002"), check=False)
+        assert proc.returncode != 0 and "set megatron.use_distributed_optimizer: false" in proc.stderr, \
+            proc.stderr[-2000:]
         return
 
     from rasa_megatron.megatron.checkpoint import check_resume_layout

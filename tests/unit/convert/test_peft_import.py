@@ -120,3 +120,17 @@ def test_hf_to_megatron_refuses_an_expert_adapter_and_writes_nothing(tmp_path, c
                  str(tmp_path / "adapter")]) == 2
     assert "adapts MoE experts" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_untrained_pool_stays_trainable_and_a_bf16_export_is_read(tmp_path):
+    """A fresh RaSA model (B = 0) exported and read back: every diagonal entry is 1, not 0 (B_S = 0 with
+    D = 0 would never get a gradient again). A bf16 export is read within bf16 rounding of its update."""
+    fresh = _base()
+    apply_rasa(fresh, RaSAConfig(r=4, k=1, alpha=8))
+    export_peft_lora(fresh, tmp_path / "fresh")
+    tensors, config = rasa_from_peft_lora(tmp_path / "fresh")
+    assert all(torch.equal(v, torch.ones_like(v)) for k, v in tensors.items() if k.endswith("diag"))
+    model = _rasa_model(RaSAConfig(r=4, k=1, alpha=8)).to(torch.bfloat16)
+    export_peft_lora(model, tmp_path / "bf16")
+    tensors, config = rasa_from_peft_lora(tmp_path / "bf16")
+    assert (config.r, config.k) == (4, 1)
