@@ -172,7 +172,7 @@ def export_engine_checkpoint(checkpoint: str | os.PathLike, hf_config: str | os.
     lines = [f"source: {source.description['engine']} checkpoint {source.description['checkpoint']} "
              f"({len(source.tensors)} adapter tensors, {human_size(source.adapter_bytes)}, {what})"]
     if base_weights is not None:
-        lines.append("base weights: the checkpoint's own (read one layer at a time)")
+        lines.append(f"base weights: the torch_dist checkpoint {base_weights.path} (read one layer at a time)")
     recorded = source.description.get("base_model", {}).get("config_sha256")
     if recorded and recorded != hf_config_fingerprint(hf_config):
         lines.append(f"warning: the config in --hf-config {hf_config} differs from the one the run recorded "
@@ -190,9 +190,15 @@ def export_engine_checkpoint(checkpoint: str | os.PathLike, hf_config: str | os.
         return report
     manifest_source = {k: v for k, v in source.description.items() if v}
     manifest_source["hf_config"] = str(hf_config)
+    if base_weights is not None:
+        manifest_source["base"] = str(base_weights.path)
+        inputs_base = [str(base_weights.path)]
+    else:
+        inputs_base = []
     if base_dir and base_weights is None:
         manifest_source["base"] = str(base_dir)
-    inputs = [source.description["checkpoint"], hf_config, *([base_dir] if base_dir and base_weights is None else [])]
+    inputs = [source.description["checkpoint"], hf_config, *inputs_base,
+              *([base_dir] if base_dir and base_weights is None else [])]
     with staged_outputs(outputs, manifest_source, overwrite, inputs) as staged:
         if adapter:
             save_adapter(model, staged["adapter"])

@@ -356,6 +356,15 @@ def test_hf_to_megatron_then_the_engine_trains_and_resumes_a_torch_dist_checkpoi
     assert offline.description["checkpoint"].endswith("step0000004")
     assert sorted(offline.tensors) == sorted(saved) and all(torch.equal(offline.tensors[k], saved[k]) for k in saved)
     assert offline.rasa_config.to_dict() == recipe.rasa_config().to_dict()
+    # merged without --base: the base is the run's pretrained_checkpoint (read a layer at a time), equal bit
+    # for bit to the merge onto the HF weights it was converted from
+    from rasa_megatron.convert.hf_export import export_engine_checkpoint
+
+    report = export_engine_checkpoint(out / "checkpoints", base, merged=tmp_path / "m_pretrained", progress=False)
+    assert f"base weights: the torch_dist checkpoint {dist_ckpt}" in "\n".join(report["plan"])
+    export_engine_checkpoint(out / "checkpoints", base, merged=tmp_path / "m_hf", base=base, progress=False)
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("m_pretrained", "m_hf"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     # a padded vocabulary, or the checkpoint of another model, is refused before any step, naming it
     assert convert(["hf-to-megatron", str(base), str(tmp_path / "padded"), "--make-vocab-size-divisible-by",
                     "1000"]) == 0
