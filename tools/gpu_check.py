@@ -196,10 +196,9 @@ def megatron_torch_dist_case(paths: dict, work: Path, gpu: bool, log: Path, time
     statuses.append(launch(path, gpu, "--resume", log=log, timeout=timeout())[1])
     got, full = metrics(part), metrics(work / "megatron_recompute_sdpa")
     rel = worst_rel(got["loss"], full["loss"])
+    torch_dist = (part / "checkpoints" / "step0000002" / "metadata.json").is_file()
     return {"exit_statuses": statuses, "losses": got["loss"], "from_hf_losses": full["loss"], "loss_rel": rel,
-            "torch_dist": (part / "checkpoints" / "step0000002" / "metadata.json").is_file(),
-            "passed": statuses == [0, 0] and rel <= 1e-3
-                      and (part / "checkpoints" / "step0000002" / "metadata.json").is_file()}
+            "torch_dist": torch_dist, "passed": statuses == [0, 0] and rel <= 1e-3 and torch_dist}
 
 
 def adapter_init_on_cuda() -> dict:

@@ -190,15 +190,10 @@ def export_engine_checkpoint(checkpoint: str | os.PathLike, hf_config: str | os.
         return report
     manifest_source = {k: v for k, v in source.description.items() if v}
     manifest_source["hf_config"] = str(hf_config)
-    if base_weights is not None:
-        manifest_source["base"] = str(base_weights.path)
-        inputs_base = [str(base_weights.path)]
-    else:
-        inputs_base = []
-    if base_dir and base_weights is None:
-        manifest_source["base"] = str(base_dir)
-    inputs = [source.description["checkpoint"], hf_config, *inputs_base,
-              *([base_dir] if base_dir and base_weights is None else [])]
+    base_source = base_weights.path if base_weights is not None else base_dir  # where the merged base is read
+    if base_source:
+        manifest_source["base"] = str(base_source)
+    inputs = [source.description["checkpoint"], hf_config, *([str(base_source)] if base_source else [])]
     with staged_outputs(outputs, manifest_source, overwrite, inputs) as staged:
         if adapter:
             save_adapter(model, staged["adapter"])

@@ -30,10 +30,6 @@ from ..training.state_io import load_state, read_json, save_state
 from .checkpoint import layout
 from .sharding import layout_free_key
 
-#: the prefix of the optimizer states' keys (Megatron's)
-OPTIMIZER_PREFIX = "optimizer.state"
-
-
 def _sharded_entries(chunk) -> dict:
     """The ShardedTensor / ShardedTensorFactory entries of ``chunk.sharded_state_dict()`` (no objects)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -47,19 +43,32 @@ def _stored_key(entry) -> str:
     return layout_free_key(entry.key)
 
 
+def _is_expert(param) -> bool:
+    return getattr(param, "allreduce", True) is False  # Megatron's mark of expert parameters
+
+
+def _split_entries(chunks: list) -> tuple[dict, dict]:
+    """``(base, adapter)``: each ``{"chunk{v}": {key: entry}}``, the frozen and the trainable entries of
+    each chunk's sharded state dict."""
+    trainable = {id(p) for chunk in chunks for p in chunk.parameters() if p.requires_grad}
+    base, adapter = {}, {}
+    for v, chunk in enumerate(chunks):
+        base[f"chunk{v}"], adapter[f"chunk{v}"] = {}, {}
+        for key, entry in _sharded_entries(chunk).items():
+            (adapter if id(entry.data) in trainable else base)[f"chunk{v}"][key] = entry
+    return base, adapter
+
+
 def adapter_sharded_state_dict(chunks: list) -> dict:
     """``{"chunk{v}": {key: entry}}``: the trainable (adapter) entries of each chunk's sharded state dict.
     Raises ValueError for expert adapters (not covered: their replica ids and keys are not those of the
     expert-data-parallel layout yet) and when a trainable parameter has no entry."""
-    trainable = {id(p): name for v, chunk in enumerate(chunks) for name, p in chunk.named_parameters()
-                 if p.requires_grad}
-    experts = [name for chunk in chunks for name, p in chunk.named_parameters()
-               if p.requires_grad and getattr(p, "allreduce", True) is False]  # Megatron's expert-parameter mark
+    trainable = {id(p): name for chunk in chunks for name, p in chunk.named_parameters() if p.requires_grad}
+    experts = [name for chunk in chunks for name, p in chunk.named_parameters() if p.requires_grad and _is_expert(p)]
     if experts:
         raise ValueError(f"output.save_format: torch_dist does not cover RaSA on MoE experts yet ({experts[0]}, "
                          f"{len(experts)} expert adapter tensors on this rank): use output.save_format: native")
-    entries = {f"chunk{v}": {k: e for k, e in _sharded_entries(chunk).items() if id(e.data) in trainable}
-               for v, chunk in enumerate(chunks)}
+    _, entries = _split_entries(chunks)
     covered = {id(e.data) for chunk_entries in entries.values() for e in chunk_entries.values()}
     missing = [name for key, name in trainable.items() if key not in covered]
     if missing:
@@ -218,18 +227,13 @@ def load_pretrained_checkpoint(chunks: list, path, hf_config) -> bool:
         raise SystemExit(f"error: megatron.pretrained_checkpoint {path}: its vocabulary is padded to "
                          f"{embedding.size[0]} rows, the model has vocab_size {hf_config.vocab_size}; convert "
                          "without --make-vocab-size-divisible-by")
-    trainable = {id(p) for chunk in chunks for p in chunk.parameters() if p.requires_grad}
-    base, adapter = {}, {}
-    for v, chunk in enumerate(chunks):
-        for key, entry in _sharded_entries(chunk).items():
-            (adapter if id(entry.data) in trainable else base).setdefault(f"chunk{v}", {})[key] = entry
+    base, adapter = _split_entries(chunks)
     every = [e for part in (base, adapter) for entries in part.values() for e in entries.values()]
     # every rank decides alike (stages hold different keys): a refusal on one rank only would leave the
     # others waiting in the collective load
     has_adapter = bool(agree(float(any(_stored_key(e) in stored for entries in adapter.values()
                                        for e in entries.values())), "max"))
-    experts = has_adapter and any(getattr(e.data, "allreduce", True) is False for entries in adapter.values()
-                                  for e in entries.values())
+    experts = has_adapter and any(_is_expert(e.data) for entries in adapter.values() for e in entries.values())
     wanted = every if has_adapter else [e for entries in base.values() for e in entries.values()]
     missing = sorted({_stored_key(e) for e in wanted if _stored_key(e) not in stored})
     if agree(float(experts or bool(missing)), "max"):

@@ -83,8 +83,8 @@ def hf_to_dist_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, tp:
     """Write the ``torch_dist`` checkpoint of the HF model in ``hf_dir`` (+ the project adapter ``adapter``)
     to ``out`` (staged, manifested, renamed into place). Returns what ``checkpoint.json`` records. Raises
     ValueError / FileNotFoundError / FileExistsError naming what does not fit, before writing anything.
-    ``adapter``: the project adapter or a PEFT LoRA export. ``make_vocab_size_divisible_by``: pad the embedding and output layer with zero rows as Megatron-LM
-    does (``megatron-to-hf`` truncates them again)."""
+    ``adapter``: the project adapter or a PEFT LoRA export. ``make_vocab_size_divisible_by``: pad the
+    embedding and output layer with zero rows as Megatron-LM does (``megatron-to-hf`` truncates them again)."""
     from megatron.core import dist_checkpointing
     from transformers import AutoConfig
 
