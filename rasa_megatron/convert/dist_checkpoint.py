@@ -31,7 +31,13 @@ ADAPTER_MODULES = {
     "mlp.linear_fc1.adapters.gate_proj": "mlp.gate_proj",
     "mlp.linear_fc1.adapters.up_proj": "mlp.up_proj",
     "mlp.linear_fc2.adapter": "mlp.down_proj",
+    # Megatron's SequentialMLP stores its local experts under ``experts.experts.`` with an expert axis
+    # (global expert index) before the expert's own tensor: ``[L, E, ...]`` / per layer ``[E, ...]``
+    "mlp.experts.experts.linear_fc1.adapters.gate_up_proj": "mlp.experts.gate_up_proj",
+    "mlp.experts.experts.linear_fc2.adapter": "mlp.experts.down_proj",
 }
+#: the registry group of the per-expert-index pools (``rasa_pools.mlp_experts.<weight>_<e>``)
+EXPERT_POOL_GROUP = "mlp_experts"
 _FACTOR = re.compile(r"^(?:model\d*\.)?decoder\.layers\.(?:(\d+)\.)?(.+)\.(A_private|B_private|diag)$")
 _POOL = re.compile(r"^(?:model\d*\.)?rasa_pools\.(.+)\.(A_shared|B_shared)$")
 
@@ -97,12 +103,6 @@ def _storage_problems(path: Path, metadata) -> list[str]:
     return problems
 
 
-def _unsupported(keys) -> list[str]:
-    """Keys this reader cannot convert: Transformer Engine / grouped-GEMM expert layers with adapters."""
-    return sorted(k for k in keys if re.search(r"\.(experts|local_experts)\.", k)
-                  and re.search(r"(A_private|B_private|diag|A_shared|B_shared)$", k))
-
-
 def adapter_from_dist_checkpoint(path: str | os.PathLike, allow_no_adapter: bool = False
                                  ) -> tuple[dict[str, torch.Tensor], RaSAConfig | None, Path]:
     """``(HF adapter tensors, its RaSAConfig, the checkpoint directory)`` of a ``torch_dist`` checkpoint
@@ -112,10 +112,6 @@ def adapter_from_dist_checkpoint(path: str | os.PathLike, allow_no_adapter: bool
     path = resolve_dist_checkpoint(path)
     metadata = _metadata(path)
     tensors_md = {k: v for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
-    unsupported = _unsupported(tensors_md)
-    if unsupported:
-        raise ValueError(f"{path}: RaSA on MoE experts in a torch_dist checkpoint is not read yet ({unsupported[0]}, "
-                         f"{len(unsupported)} keys); convert the engine's own checkpoint (checkpoints/stepN) instead")
     wanted, unknown = {}, []
     for key in tensors_md:
         if key.startswith("optimizer."):
@@ -123,9 +119,11 @@ def adapter_from_dist_checkpoint(path: str | os.PathLike, allow_no_adapter: bool
         factor, pool = _FACTOR.match(key), _POOL.match(key)
         if factor and factor.group(2) in ADAPTER_MODULES:
             wanted[key] = ("factor", factor.group(1), ADAPTER_MODULES[factor.group(2)], factor.group(3))
-        elif pool:
+        elif pool and _expert_pool(pool.group(1)):
+            wanted[key] = ("pool", _expert_pool(pool.group(1))[1], _expert_pool(pool.group(1))[0], pool.group(2))
+        elif pool and not pool.group(1).startswith(EXPERT_POOL_GROUP + "."):
             wanted[key] = ("pool", None, pool.group(1), pool.group(2))
-        elif factor or re.search(r"\.(A_private|B_private|A_shared|B_shared)$", key):
+        elif factor or pool or re.search(r"\.(A_private|B_private|A_shared|B_shared)$", key):
             unknown.append(key)
     if unknown:
         raise ValueError(f"{path}: adapter keys of modules this reader does not know: {unknown[:4]} (known: "
@@ -146,8 +144,15 @@ def adapter_from_dist_checkpoint(path: str | os.PathLike, allow_no_adapter: bool
     return _hf_adapter(state, wanted) + (path,)
 
 
+def _expert_pool(name: str) -> tuple[str, int] | None:
+    """``mlp_experts.gate_up_proj_3`` -> ``("mlp.experts.gate_up_proj", 3)`` (else None)."""
+    match = re.fullmatch(rf"{EXPERT_POOL_GROUP}\.(gate_up_proj|down_proj)_(\d+)", name)
+    return (f"mlp.experts.{match.group(1)}", int(match.group(2))) if match else None
+
+
 def _hf_adapter(state: dict, wanted: dict) -> tuple[dict[str, torch.Tensor], RaSAConfig]:
     out: dict[str, torch.Tensor] = {}
+    expert_pools: dict[str, dict[int, torch.Tensor]] = {}
     private, pool_rank, types = 0, 0, set()
     for key, (kind, layer, module_type, name) in wanted.items():
         tensor = state[key]
@@ -155,9 +160,12 @@ def _hf_adapter(state: dict, wanted: dict) -> tuple[dict[str, torch.Tensor], RaS
         if kind == "pool":
             layers, k = tensor.shape[0], tensor.shape[1 if name == "A_shared" else 2]
             pool_rank = k
-            out[f"rasa_pools.{module_type}.{name}"] = (
-                tensor.reshape(layers * k, tensor.shape[-1]) if name == "A_shared"
-                else tensor.permute(1, 0, 2).reshape(tensor.shape[1], layers * k)).contiguous()
+            rows = (tensor.reshape(layers * k, tensor.shape[-1]) if name == "A_shared"
+                    else tensor.permute(1, 0, 2).reshape(tensor.shape[1], layers * k)).contiguous()
+            if layer is None:
+                out[f"rasa_pools.{module_type}.{name}"] = rows
+            else:  # the pool of expert index ``layer``: stacked [E, ...] as the HF experts' pool
+                expert_pools.setdefault(f"rasa_pools.{module_type}.{name}", {})[layer] = rows
             continue
         if name == "A_private":
             private = tensor.shape[-2]
@@ -166,9 +174,15 @@ def _hf_adapter(state: dict, wanted: dict) -> tuple[dict[str, torch.Tensor], RaS
         else:
             for index in range(tensor.shape[0]):
                 out[f"model.layers.{index}.{module_type}.{name}"] = tensor[index].clone()
-    leaves = tuple(sorted({t.rsplit(".", 1)[-1] for t in types}))
+    for hf_key, by_expert in expert_pools.items():
+        if sorted(by_expert) != list(range(len(by_expert))):
+            raise ValueError(f"the pools of {hf_key} cover experts {sorted(by_expert)}, not 0..{len(by_expert) - 1}")
+        out[hf_key] = torch.stack([by_expert[e] for e in range(len(by_expert))])
+    leaves = tuple(sorted({t.rsplit(".", 1)[-1] for t in types if not t.startswith("mlp.experts.")}))
+    experts = tuple(sorted(t for t in types if t.startswith("mlp.experts.")))
     r = private + pool_rank
-    return out, RaSAConfig(r=r, k=pool_rank, alpha=float(2 * max(private, 1)), target_modules=leaves)
+    return out, RaSAConfig(r=r, k=pool_rank, alpha=float(2 * max(private, 1)), target_modules=leaves,
+                           target_parameters=experts)
 
 
 class _SliceLoadPlanner:
@@ -205,7 +219,7 @@ class DistBaseWeights:
     """The base weights of a ``torch_dist`` checkpoint under HF names, read one layer at a time (each
     layer's slice of the layer-stacked tensors; the other layers stay on disk), converted with the
     inverse of :func:`~rasa_megatron.convert.megatron_weights.hf_to_megatron`'s layout (fused qkv by
-    query group, fc1 ``[gate; up]``), the vocabulary truncated to the HF config's ``vocab_size`` (Megatron-LM
+    query group, fc1 ``[gate; up]``; MoE experts under Mixtral's on-disk names), the vocabulary truncated to the HF config's ``vocab_size`` (Megatron-LM
     pads it to a multiple of ``make-vocab-size-divisible-by x TP``). The interface of
     :class:`~rasa_megatron.convert.merged.BaseWeights`."""
 
@@ -214,9 +228,7 @@ class DistBaseWeights:
         self.hf_config = hf_config
         metadata = _metadata(self.path)
         self._metadata = {k: v for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
-        if getattr(hf_config, "num_local_experts", None):
-            raise ValueError(f"{self.path}: MoE base weights in a torch_dist checkpoint are not read yet; pass the HF "
-                             "base (--base)")
+        self.experts = getattr(hf_config, "num_local_experts", None) or 0
         self.per_layer = "decoder.layers.0.self_attention.linear_qkv.weight" in self._metadata
         required = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
                     self._layer_key(0, "self_attention.linear_qkv.weight")]
@@ -246,15 +258,19 @@ class DistBaseWeights:
             self._metadata["embedding.word_embeddings.weight"].properties.dtype]
         h, i = c.hidden_size, c.intermediate_size
         yield "model.embed_tokens.weight", (c.vocab_size, h), dtype
+        if self.experts:  # Mixtral's on-disk names: the router and w1 (gate) / w3 (up) / w2 (down) per expert
+            mlp = [("block_sparse_moe.gate.weight", (self.experts, h))]
+            mlp += [(f"block_sparse_moe.experts.{e}.{w}.weight", shape) for e in range(self.experts)
+                    for w, shape in (("w1", (i, h)), ("w2", (h, i)), ("w3", (i, h)))]
+        else:
+            mlp = [("mlp.gate_proj.weight", (i, h)), ("mlp.up_proj.weight", (i, h)), ("mlp.down_proj.weight", (h, i))]
         for n in range(self.layers):
             p = f"model.layers.{n}."
             for key, shape in (("self_attn.q_proj.weight", (c.num_attention_heads * d, h)),
                                ("self_attn.k_proj.weight", (c.num_key_value_heads * d, h)),
                                ("self_attn.v_proj.weight", (c.num_key_value_heads * d, h)),
                                ("self_attn.o_proj.weight", (h, c.num_attention_heads * d)),
-                               ("mlp.gate_proj.weight", (i, h)), ("mlp.up_proj.weight", (i, h)),
-                               ("mlp.down_proj.weight", (h, i)), ("input_layernorm.weight", (h,)),
-                               ("post_attention_layernorm.weight", (h,))):
+                               *mlp, ("input_layernorm.weight", (h,)), ("post_attention_layernorm.weight", (h,))):
                 yield p + key, shape, dtype
         yield "model.norm.weight", (h,), dtype
         if not c.tie_word_embeddings:
@@ -276,8 +292,9 @@ class DistBaseWeights:
         """The HF tensors of layer ``n`` (read once, kept until another layer is read)."""
         if self._cached[0] == n:
             return self._cached[1]
-        names = ["self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.linear_fc1.weight",
-                 "mlp.linear_fc2.weight", *_LAYER_NORMS.values()]
+        mlp = (["mlp.router.weight", *(f"mlp.experts.experts.{fc}.weight" for fc in ("linear_fc1", "linear_fc2"))]
+               if self.experts else ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"])
+        names = ["self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", *mlp, *_LAYER_NORMS.values()]
         wanted = {}
         for name in names:
             key = self._layer_key(n, name)
@@ -286,12 +303,20 @@ class DistBaseWeights:
         raw = {name: t.reshape(t.shape[1:]) if not self.per_layer else t
                for name, t in zip(names, self._load(wanted).values())}
         q, k, v = qkv_split(raw["self_attention.linear_qkv.weight"], self.hf_config)
-        gate, up = raw["mlp.linear_fc1.weight"].chunk(2)
         p = f"model.layers.{n}."
         layer = {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-                 p + "self_attn.o_proj.weight": raw["self_attention.linear_proj.weight"],
-                 p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                 p + "mlp.down_proj.weight": raw["mlp.linear_fc2.weight"]}
+                 p + "self_attn.o_proj.weight": raw["self_attention.linear_proj.weight"]}
+        if self.experts:  # experts [E, 2I, H] ([gate; up] per expert) and [E, H, I]
+            layer[p + "block_sparse_moe.gate.weight"] = raw["mlp.router.weight"]
+            for e in range(self.experts):
+                expert = f"{p}block_sparse_moe.experts.{e}."
+                gate, up = raw["mlp.experts.experts.linear_fc1.weight"][e].chunk(2)
+                layer.update({expert + "w1.weight": gate, expert + "w3.weight": up,
+                              expert + "w2.weight": raw["mlp.experts.experts.linear_fc2.weight"][e]})
+        else:
+            gate, up = raw["mlp.linear_fc1.weight"].chunk(2)
+            layer.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                          p + "mlp.down_proj.weight": raw["mlp.linear_fc2.weight"]})
         layer.update({p + hf: raw[mg] for hf, mg in _LAYER_NORMS.items()})
         self._cached = (None, {})  # free the previous layer first
         self._cached = (n, {k: v.contiguous().clone() for k, v in layer.items()})

@@ -43,10 +43,6 @@ def _stored_key(entry) -> str:
     return layout_free_key(entry.key)
 
 
-def _is_expert(param) -> bool:
-    return getattr(param, "allreduce", True) is False  # Megatron's mark of expert parameters
-
-
 def _split_entries(chunks: list) -> tuple[dict, dict]:
     """``(base, adapter)``: each ``{"chunk{v}": {key: entry}}``, the frozen and the trainable entries of
     each chunk's sharded state dict."""
@@ -60,21 +56,16 @@ def _split_entries(chunks: list) -> tuple[dict, dict]:
 
 
 def adapter_sharded_state_dict(chunks: list) -> dict:
-    """``{"chunk{v}": {key: entry}}``: the trainable (adapter) entries of each chunk's sharded state dict.
-    Raises ValueError for expert adapters (not covered: their replica ids and keys are not those of the
-    expert-data-parallel layout yet) and when a trainable parameter has no entry."""
+    """``{"chunk{v}": {key: entry}}``: the trainable (adapter) entries of each chunk's sharded state dict
+    (MoE experts' with the expert axis and expert-data-parallel replica ids Megatron's SequentialMLP
+    gives them). Raises ValueError when a trainable parameter has no entry."""
     trainable = {id(p): name for chunk in chunks for name, p in chunk.named_parameters() if p.requires_grad}
-    experts = [name for chunk in chunks for name, p in chunk.named_parameters() if p.requires_grad and _is_expert(p)]
-    if experts:
-        raise ValueError(f"output.save_format: torch_dist does not cover RaSA on MoE experts yet ({experts[0]}, "
-                         f"{len(experts)} expert adapter tensors on this rank): use output.save_format: native")
     _, entries = _split_entries(chunks)
     covered = {id(e.data) for chunk_entries in entries.values() for e in chunk_entries.values()}
     missing = [name for key, name in trainable.items() if key not in covered]
     if missing:
         raise ValueError(f"output.save_format: torch_dist: {len(missing)} adapter parameters have no "
-                         f"dist-checkpoint entry ({missing[:3]}; RaSA on MoE experts is not covered yet): "
-                         "use output.save_format: native")
+                         f"dist-checkpoint entry ({missing[:3]}): use output.save_format: native")
     return entries
 
 
@@ -233,13 +224,9 @@ def load_pretrained_checkpoint(chunks: list, path, hf_config) -> bool:
     # others waiting in the collective load
     has_adapter = bool(agree(float(any(_stored_key(e) in stored for entries in adapter.values()
                                        for e in entries.values())), "max"))
-    experts = has_adapter and any(_is_expert(e.data) for entries in adapter.values() for e in entries.values())
     wanted = every if has_adapter else [e for entries in base.values() for e in entries.values()]
     missing = sorted({_stored_key(e) for e in wanted if _stored_key(e) not in stored})
-    if agree(float(experts or bool(missing)), "max"):
-        if experts:
-            raise SystemExit(f"error: megatron.pretrained_checkpoint {path}: RaSA adapters on MoE experts are not "
-                             "read from torch_dist checkpoints yet; give the base-only checkpoint")
+    if agree(float(bool(missing)), "max"):
         raise SystemExit(f"error: megatron.pretrained_checkpoint {path} lacks tensors this model needs"
                          + (f" ({len(missing)} on this rank: {missing[:3]})" if missing else " on another rank")
                          + ": is it of another model" + (" or adapter config?" if has_adapter else "?"))

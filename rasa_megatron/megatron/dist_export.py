@@ -102,9 +102,6 @@ def hf_to_dist_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, tp:
     elif ep != 1:
         raise ValueError(f"--ep {ep} needs a MoE model; {hf_config.model_type} has no experts")
     tensors, rasa_config = _read_rasa_adapter(Path(adapter)) if adapter else ({}, None)
-    if rasa_config is not None and rasa_config.target_parameters:
-        raise ValueError(f"the adapter {adapter} adapts MoE experts ({list(rasa_config.target_parameters)}): "
-                         "experts in torch_dist checkpoints are not written yet; convert the base alone")
     weights = SafetensorsCheckpoint(hf_dir)
     layout = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
               "virtual_pipeline_model_parallel_size": vpp, "expert_model_parallel_size": ep}

@@ -112,8 +112,13 @@ class ShardedRankPool(nn.Module):
         so a checkpoint written on one TP x PP (x VPP) layout loads on any other."""
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-        _, dp_cp_group, _ = dist_ckpt_groups(metadata)
-        dp_rank = dist.get_rank(dp_cp_group)
+        if getattr(self.A_shared, "allreduce", True) is False:  # an expert pool: replicated over the ranks
+            from megatron.core import parallel_state  # holding the same experts (as Megatron's SequentialMLP)
+
+            dp_rank = parallel_state.get_expert_data_parallel_rank()
+        else:
+            _, dp_cp_group, _ = dist_ckpt_groups(metadata)
+            dp_rank = dist.get_rank(dp_cp_group)
         k, owned, num_layers = self.rank_per_layer, self.owned_layers, self.num_layers
         entries = {}
         for name, param, tp_axis, layer_dim in (("A_shared", self.A_shared, 1, 0), ("B_shared", self.B_shared, 0, 1)):

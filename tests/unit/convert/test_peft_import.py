@@ -100,26 +100,52 @@ def test_what_is_not_a_rasa_lora_is_refused_naming_it(tmp_path):
         rasa_from_peft_lora(tmp_path)
 
 
-def test_hf_to_megatron_refuses_an_expert_adapter_and_writes_nothing(tmp_path, capsys):
-    """Experts in torch_dist checkpoints are not written yet: a Mixtral adapter on its experts exits 2,
-    naming it, before anything is written."""
+def test_hf_to_megatron_round_trips_a_mixtral_expert_adapter(tmp_path):
+    """HF Mixtral + RaSA on attention and on every expert (``target_parameters``: per-expert private
+    factors and diagonals, one pool per expert index) -> ``hf-to-megatron --ep 2`` (one process) -> read
+    back offline: every adapter tensor bit for bit and the same RaSA config; ``megatron-to-hf --merged``
+    from the checkpoint's own base weights (Mixtral's per-expert on-disk names) equals, bit for bit, the
+    merge onto the HF base, and its logits equal the RaSA model's (fp32, 1e-5)."""
+    from safetensors.torch import load_file
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from rasa_megatron import save_adapter
     from rasa_megatron.cli.convert import main
+    from rasa_megatron.convert.dist_checkpoint import adapter_from_dist_checkpoint
 
     config = MixtralConfig(vocab_size=96, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    model = MixtralForCausalLM(config)
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).eval()
     model.save_pretrained(tmp_path / "base")
-    apply_rasa(model, RaSAConfig(r=4, k=1, alpha=8, target_modules=("q_proj",),
-                                 target_parameters=("mlp.experts.gate_up_proj",)))
+    rasa = RaSAConfig(r=4, k=1, alpha=8, target_modules=("q_proj", "o_proj"),
+                      target_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+    apply_rasa(model, rasa)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in adapter_state_dict(model).values():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
     save_adapter(model, tmp_path / "adapter")
-    capsys.readouterr()
-    assert main(["hf-to-megatron", str(tmp_path / "base"), str(tmp_path / "out"), "--adapter",
-                 str(tmp_path / "adapter")]) == 2
-    assert "adapts MoE experts" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert main(["hf-to-megatron", str(tmp_path / "base"), str(tmp_path / "dist"), "--ep", "2", "--adapter",
+                 str(tmp_path / "adapter")]) == 0
+    tensors, read_config, _ = adapter_from_dist_checkpoint(tmp_path / "dist")
+    given = load_file(tmp_path / "adapter" / "rasa_adapter.safetensors")
+    assert sorted(tensors) == sorted(given), sorted(set(tensors) ^ set(given))[:4]
+    assert all(torch.equal(tensors[key], given[key]) for key in given)
+    assert (read_config.r, read_config.k, set(read_config.target_parameters)) == (4, 1, set(rasa.target_parameters))
+    assert set(read_config.target_modules) == {"q_proj", "o_proj"}
+    for source, out in ((str(tmp_path / "dist"), "m_dist"), ("--base", "m_hf")):
+        extra = ["--base", str(tmp_path / "base")] if source == "--base" else []
+        assert main(["megatron-to-hf", str(tmp_path / "dist"), "--hf-config", str(tmp_path / "base"), "--merged",
+                     str(tmp_path / out), *extra]) == 0
+    from_dist, from_hf = (load_file(tmp_path / name / "model.safetensors") for name in ("m_dist", "m_hf"))
+    assert sorted(from_dist) == sorted(from_hf) and all(torch.equal(from_dist[k], from_hf[k]) for k in from_hf)
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in from_dist
+    merged = MixtralForCausalLM.from_pretrained(tmp_path / "m_dist").eval()
+    tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens).logits, model(tokens).logits, rtol=0, atol=1e-5)
 
 
 def test_an_untrained_pool_stays_trainable_and_a_bf16_export_is_read(tmp_path):
