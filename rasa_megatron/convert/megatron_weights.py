@@ -31,6 +31,9 @@ Layouts (``g`` query groups, ``h/g`` query heads per group, ``d`` head dim, ``tp
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -129,6 +132,15 @@ def hf_to_megatron(hf_state, hf_config, tp_rank: int, tp_size: int, pp_rank: int
 
     ``hf_state``: a dict of HF tensors, or a :class:`~rasa_megatron.convert.hf_checkpoint.SafetensorsCheckpoint`
     of which only this rank's slices are read (``get_slice``: TP shards, local experts)."""
+    return {key: source() for key, source in hf_to_megatron_sources(
+        hf_state, hf_config, tp_rank, tp_size, pp_rank, pp_size, vp_stage, vpp_size, ep_rank, ep_size).items()}
+
+
+def hf_to_megatron_sources(hf_state, hf_config, tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1,
+                           vp_stage: int = 0, vpp_size: int = 1, ep_rank: int = 0, ep_size: int = 1
+                           ) -> dict[str, Callable[[], torch.Tensor]]:
+    """:func:`hf_to_megatron`'s state dict as zero-argument functions, each reading and converting its
+    one tensor when called (nothing is read before): what a streamed writer holds."""
     check_parallel_sizes(hf_config, tp_size, pp_size, vpp_size)
     for name, rank, size in (("tp_rank", tp_rank, tp_size), ("pp_rank", pp_rank, pp_size),
                              ("vp_stage", vp_stage, vpp_size), ("ep_rank", ep_rank, ep_size)):
@@ -146,20 +158,28 @@ def hf_to_megatron(hf_state, hf_config, tp_rank: int, tp_size: int, pp_rank: int
     tied = bool(hf_config.tie_word_embeddings)
 
     def shard(key, dim):  # this TP rank's part only: a checkpoint reader reads nothing else
-        return _read(hf_state, key, dim, tp_rank, tp_size)
+        return partial(_read, hf_state, key, dim, tp_rank, tp_size)
 
     def whole(key):
-        return _read(hf_state, key)
+        return partial(_read, hf_state, key)
+
+    def qkv(src):  # rank t holds query groups [t g/tp, (t+1) g/tp): contiguous rows of q, k and v alike
+        parts = [shard(src + f"self_attn.{name}_proj.weight", 0) for name in "qkv"]
+        return lambda: _qkv_full(*(part() for part in parts), groups // tp_size)
+
+    def expert(src, name, e):
+        return lambda: _read(hf_state, src + f"mlp.experts.{name}", 0, e, num_experts)[0]
+
+    def fc1(src):
+        gate, up = shard(src + "mlp.gate_proj.weight", 0), shard(src + "mlp.up_proj.weight", 0)
+        return lambda: torch.cat([gate(), up()])
 
     out = {}
     if first_chunk:
         out["embedding.word_embeddings.weight"] = shard("model.embed_tokens.weight", 0)
     for local, index in enumerate(stage_layers(hf_config.num_hidden_layers, pp_rank, pp_size, vp_stage, vpp_size)):
         src, dst = HF_LAYER.format(index), f"decoder.layers.{local}."
-        # rank t holds query groups [t g/tp, (t+1) g/tp): contiguous rows of q, k and v alike
-        out[dst + "self_attention.linear_qkv.weight"] = _qkv_full(
-            shard(src + "self_attn.q_proj.weight", 0), shard(src + "self_attn.k_proj.weight", 0),
-            shard(src + "self_attn.v_proj.weight", 0), groups // tp_size)
+        out[dst + "self_attention.linear_qkv.weight"] = qkv(src)
         out[dst + "input_layernorm.weight"] = whole(src + "input_layernorm.weight")
         out[dst + "self_attention.linear_proj.weight"] = shard(src + "self_attn.o_proj.weight", 1)
         out[dst + "pre_mlp_layernorm.weight"] = whole(src + "post_attention_layernorm.weight")
@@ -167,12 +187,10 @@ def hf_to_megatron(hf_state, hf_config, tp_rank: int, tp_size: int, pp_rank: int
             out[dst + "mlp.router.weight"] = whole(src + "mlp.gate.weight")
             for j in range(local_experts):
                 e = ep_rank * local_experts + j
-                expert = dst + f"mlp.experts.local_experts.{j}."
-                out[expert + "linear_fc1.weight"] = _read(hf_state, src + "mlp.experts.gate_up_proj", 0, e, num_experts)[0]
-                out[expert + "linear_fc2.weight"] = _read(hf_state, src + "mlp.experts.down_proj", 0, e, num_experts)[0]
+                out[dst + f"mlp.experts.local_experts.{j}.linear_fc1.weight"] = expert(src, "gate_up_proj", e)
+                out[dst + f"mlp.experts.local_experts.{j}.linear_fc2.weight"] = expert(src, "down_proj", e)
             continue
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat([shard(src + "mlp.gate_proj.weight", 0),
-                                                        shard(src + "mlp.up_proj.weight", 0)])
+        out[dst + "mlp.linear_fc1.weight"] = fc1(src)
         out[dst + "mlp.linear_fc2.weight"] = shard(src + "mlp.down_proj.weight", 1)
     if last_chunk:
         out["decoder.final_layernorm.weight"] = whole("model.norm.weight")

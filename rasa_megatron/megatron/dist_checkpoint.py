@@ -103,25 +103,67 @@ def _sharded_optimizer_state(optimizer, model_entries: dict, tensors: dict) -> d
     return state["state"]
 
 
+#: Megatron's distributed-optimizer checkpoint format that reshards over every dimension: the flat
+#: per-rank shards gathered and laid out like their parameters (``optimizer.state.<exp_avg|exp_avg_sq|
+#: param>.<parameter key>``, ``param`` the fp32 master), as the replicated optimizer's states are
+DISTOPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def _instances(optimizer) -> list:
+    """The distributed-optimizer instances of Megatron's (possibly chained: dense + expert) optimizer."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+@torch.no_grad()
+def _initialise_adam_states(optimizer) -> None:
+    """Zero AdamW states (``step`` included) in torch AdamW inside Megatron's distributed optimizer
+    before a load: without Apex / Transformer Engine its ``state_dict`` reads every parameter's
+    ``step`` and fails before the first step (the load then overwrites all of them). With Apex / TE
+    (fused Adam, step in the parameter groups) nothing is done."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    for inner in [o.optimizer for o in _instances(optimizer)]:
+        if HAVE_APEX_OR_TE or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                              exp_avg_sq=torch.zeros_like(param))
+
+
+def _optimizer_sharded_state(recipe, optimizer, model_entries: dict, is_loading: bool) -> tuple[dict, dict]:
+    """``(the optimizer's entries in the dist checkpoint, what the per-rank file holds)``: Megatron's
+    distributed optimizer's own ``sharded_state_dict`` (fully reshardable), or the torch optimizer's
+    per-parameter states sharded like their parameters plus its scalar states and hyperparameters."""
+    if recipe.megatron.use_distributed_optimizer:
+        if is_loading:
+            _initialise_adam_states(optimizer)
+        return optimizer.sharded_state_dict(model_entries, is_loading=is_loading, metadata=DISTOPT_METADATA), {}
+    if is_loading:
+        raise AssertionError("the torch optimizer's load is built by load_dist_checkpoint")
+    tensors, scalars, names = _split_optimizer_state(optimizer)
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.state_dict()["param_groups"]]
+    return (_sharded_optimizer_state(optimizer, model_entries, tensors),
+            {"param_groups": groups, "optimizer_scalars": scalars, "optimizer_states": names})
+
+
 def save_dist_checkpoint(recipe, identity: dict, step: int, chunks: list, optimizers: list, schedulers: list,
                          parallel_state) -> Path:
     """The resume checkpoint after ``step`` in ``torch_dist`` format (collective; the shared save
-    protocol: staged, manifested, ``latest`` last, ``output.keep_last``)."""
+    protocol: staged, manifested, ``latest`` last, ``output.keep_last``). ``optimizers``: ``[the step's
+    optimizer]``, the torch optimizer or Megatron's distributed optimizer."""
     from megatron.core import dist_checkpointing, tensor_parallel
 
-    (optimizer,) = optimizers  # the replicated torch optimizer (the distributed one is refused by the recipe)
+    (optimizer,) = optimizers
     run_layout = layout(parallel_state, recipe.megatron.use_distributed_optimizer)
 
     def write(directory: Path) -> None:
         model_entries = adapter_sharded_state_dict(chunks)
-        tensors, scalars, names = _split_optimizer_state(optimizer)
-        sharded = {"model": model_entries,
-                   "optimizer": _sharded_optimizer_state(optimizer, model_entries, tensors)}
-        dist_checkpointing.save(sharded, str(directory))
-        groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.state_dict()["param_groups"]]
+        optimizer_entries, optimizer_record = _optimizer_sharded_state(recipe, optimizer, model_entries, False)
+        dist_checkpointing.save({"model": model_entries, "optimizer": optimizer_entries}, str(directory))
         save_state(directory, rank_name(dist.get_rank()),
-                   {"step": step, "schedulers": [s.state_dict() for s in schedulers], "param_groups": groups,
-                    "optimizer_scalars": scalars, "optimizer_states": names,
+                   {"step": step, "schedulers": [s.state_dict() for s in schedulers], **optimizer_record,
                     "rng": {**rng_state(), "megatron_tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}})
         if dist.get_rank() == 0:
             write_run_record(directory, recipe, identity, step, {**run_layout, "save_format": "torch_dist"})
@@ -154,34 +196,37 @@ def _copy_loaded(targets: dict, loaded: dict) -> None:
 
 def load_dist_checkpoint(recipe, tag_dir: Path, chunks: list, optimizers: list, schedulers: list,
                          parallel_state) -> int:
-    """Restore a ``torch_dist`` resume checkpoint on this (any) layout; returns the step to continue from."""
+    """Restore a ``torch_dist`` resume checkpoint on this (any) layout; returns the step to continue from.
+    ``optimizers``: ``[the step's optimizer]`` as for :func:`save_dist_checkpoint`; the checkpoint must
+    have been written with the same kind (replicated torch or distributed)."""
     from megatron.core import tensor_parallel
 
     tag_dir = Path(tag_dir)
-    if recipe.megatron.use_distributed_optimizer:
-        raise SystemExit(f"error: cannot resume {tag_dir}: it is a torch_dist checkpoint, which resumes with the "
-                         "replicated torch optimizer; set megatron.use_distributed_optimizer: false")
     (optimizer,) = optimizers
     saved_layout = read_json(tag_dir / DESCRIPTION_FILE)["layout"]
-    current = {**layout(parallel_state, recipe.megatron.use_distributed_optimizer), "save_format": "torch_dist"}
+    distributed = recipe.megatron.use_distributed_optimizer
+    if bool(saved_layout.get("use_distributed_optimizer")) != distributed:
+        kind = "the replicated torch" if distributed else "Megatron's distributed"
+        raise SystemExit(f"error: cannot resume {tag_dir}: it holds the state of {kind} optimizer; set "
+                         f"megatron.use_distributed_optimizer: {str(not distributed).lower()} (as the run that wrote it)")
+    current = {**layout(parallel_state, distributed), "save_format": "torch_dist"}
     same_layout = saved_layout == current
     own = load_state(tag_dir, rank_name(dist.get_rank() if same_layout else 0))
     model_entries = adapter_sharded_state_dict(chunks)
-    params = _optimizer_params(optimizer)
-    templates = {i: {name: torch.empty_like(p) for name in own["optimizer_states"]} for i, p in enumerate(params)}
     targets = _targets(model_entries)
-    sharded = {"model": model_entries, "optimizer": _sharded_optimizer_state(optimizer, model_entries, templates)}
-    loaded = _load(sharded, tag_dir, "the adapter and optimizer state")
+    if distributed:
+        optimizer_entries, _ = _optimizer_sharded_state(recipe, optimizer, model_entries, True)
+    else:
+        params = _optimizer_params(optimizer)
+        templates = {i: {name: torch.empty_like(p) for name in own["optimizer_states"]} for i, p in enumerate(params)}
+        optimizer_entries = _sharded_optimizer_state(optimizer, model_entries, templates)
+    loaded = _load({"model": model_entries, "optimizer": optimizer_entries}, tag_dir,
+                   "the adapter and optimizer state")
     _copy_loaded(targets, loaded["model"])
-    state = {i: {**{name: loaded["optimizer"][i][name] for name in own["optimizer_states"]},
-                 **{name: value.clone() for name, value in own["optimizer_scalars"].items()}}
-             for i in range(len(params))}
-    groups = optimizer.state_dict()["param_groups"]
-    if len(groups) != len(own["param_groups"]):
-        raise SystemExit(f"error: cannot resume: the checkpoint's optimizer has {len(own['param_groups'])} "
-                         f"parameter groups, this run's {len(groups)}")
-    groups = [{**saved, "params": group["params"]} for group, saved in zip(groups, own["param_groups"])]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if distributed:
+        _load_distributed_optimizer(optimizer, loaded["optimizer"])
+    else:
+        _load_torch_optimizer(optimizer, own, loaded["optimizer"])
     for scheduler, saved in zip(schedulers, own["schedulers"], strict=True):
         scheduler.load_state_dict(saved)
     step = int(own["step"])
@@ -197,6 +242,48 @@ def load_dist_checkpoint(recipe, tag_dir: Path, chunks: list, optimizers: list, 
                   "adapter and optimizer state resharded; dropout streams reseeded from (seed, step)",
                   file=sys.stderr, flush=True)
     return step
+
+
+def _load_distributed_optimizer(optimizer, loaded) -> None:
+    """Megatron's ``load_state_dict`` in its two parts per instance: hyperparameters, ``step`` and grad
+    scaler, then the fully reshardable parameter state with torch AdamW's per-parameter ``step`` set
+    aside meanwhile (megatron-core 0.16 copies every state the torch optimizer holds from the loaded
+    ones, which leave ``step`` out: a KeyError without Apex / Transformer Engine), each ``step`` then
+    given back as a tensor of its own."""
+    instances = _instances(optimizer)
+    states = [loaded] if len(instances) == 1 else [loaded[index] for index in sorted(loaded)]
+    for instance, state in zip(instances, states, strict=True):
+        state = dict(state)
+        param_state, kind = state.pop("param_state"), state.pop("param_state_sharding_type")
+        if kind != DISTOPT_METADATA["distrib_optim_sharding_type"]:
+            raise SystemExit(f"error: the distributed optimizer's state is stored as {kind!r}, expected "
+                             f"{DISTOPT_METADATA['distrib_optim_sharding_type']!r}")
+        instance.load_state_dict(state)
+        steps = {param: param_states.pop("step") for param, param_states in instance.optimizer.state.items()
+                 if "step" in param_states}
+        try:
+            instance.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for param, step in steps.items():  # one tensor per parameter: Megatron's load hands every
+                instance.optimizer.state[param]["step"] = step.clone()  # parameter the same one, which torch
+                # AdamW then increments once per parameter in place (its bias correction runs ahead)
+    if hasattr(optimizer, "_synchronize_steps") and len(instances) > 1:
+        optimizer._synchronize_steps()
+
+
+def _load_torch_optimizer(optimizer, own: dict, loaded: dict) -> None:
+    """The torch optimizer's state: per-parameter tensors from the dist checkpoint, scalar states and
+    hyperparameters from the per-rank record."""
+    params = _optimizer_params(optimizer)
+    state = {i: {**{name: loaded[i][name] for name in own["optimizer_states"]},
+                 **{name: value.clone() for name, value in own["optimizer_scalars"].items()}}
+             for i in range(len(params))}
+    groups = optimizer.state_dict()["param_groups"]
+    if len(groups) != len(own["param_groups"]):
+        raise SystemExit(f"error: cannot resume: the checkpoint's optimizer has {len(own['param_groups'])} "
+                         f"parameter groups, this run's {len(groups)}")
+    groups = [{**saved, "params": group["params"]} for group, saved in zip(groups, own["param_groups"])]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _layout_text(values: dict) -> str:

@@ -237,12 +237,16 @@ def run(recipe: Recipe, stop_step: int | None = None, resume: str | os.PathLike 
             raise SystemExit(f"error: {err}") from err
     tag_dir = resume_directory(recipe, resume, stop, identity)
     if tag_dir is not None:
-        load = load_dist_checkpoint if is_dist_checkpoint(tag_dir) else load_checkpoint
-        start = resumed_from = load(recipe, tag_dir, chunks, torch_optimizers, schedulers, parallel_state)
+        if is_dist_checkpoint(tag_dir):  # torch_dist: the step's optimizer (Megatron's or torch's) reshards
+            start = load_dist_checkpoint(recipe, tag_dir, chunks, [optimizer], schedulers, parallel_state)
+        else:  # native: the torch optimizers' per-rank state
+            start = load_checkpoint(recipe, tag_dir, chunks, torch_optimizers, schedulers, parallel_state)
+        resumed_from = start
 
     def save(step):
-        return (save_dist_checkpoint if torch_dist else save_checkpoint)(recipe, identity, step, chunks,
-                                                                         torch_optimizers, schedulers, parallel_state)
+        if torch_dist:
+            return save_dist_checkpoint(recipe, identity, step, chunks, [optimizer], schedulers, parallel_state)
+        return save_checkpoint(recipe, identity, step, chunks, torch_optimizers, schedulers, parallel_state)
 
     def step_fn(step, global_batch) -> StepResult:
         micro = [data.samples(indices) for indices in micro_batches_for_rank(global_batch, t.micro_batch_size,

@@ -401,10 +401,6 @@ def _validate_megatron(recipe: Recipe, world_size: int) -> int:
     if mg.use_distributed_optimizer and recipe.train.optimizer != "adamw":
         raise RecipeError(f"megatron.use_distributed_optimizer: true needs train.optimizer: adamw (Megatron's "
                           f"distributed optimizer is Adam/AdamW or SGD), got {recipe.train.optimizer!r}")
-    if recipe.output.save_format == "torch_dist" and mg.use_distributed_optimizer:
-        raise RecipeError("output.save_format: torch_dist with megatron.use_distributed_optimizer: true is not "
-                          "supported (the distributed optimizer's flat shards of the pipeline-sharded RaSA pools "
-                          "are not resharded); use save_format: native or the replicated torch optimizer")
     if mg.pretrained_checkpoint is not None:
         if not (Path(mg.pretrained_checkpoint) / "metadata.json").is_file():
             raise RecipeError(f"megatron.pretrained_checkpoint {mg.pretrained_checkpoint!r} is not a Megatron "

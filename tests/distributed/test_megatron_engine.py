@@ -150,8 +150,8 @@ def test_megatron_engine_bf16_tracks_the_fp32_reference(workspace, tmp_path, dis
 
 
 @pytest.mark.parametrize("distributed_optimizer,save_format", [(False, "native"), (True, "native"),
-                                                                (False, "torch_dist")],
-                         ids=["torch_adamw", "distopt", "torch_dist"])
+                                                                (False, "torch_dist"), (True, "torch_dist")],
+                         ids=["torch_adamw", "distopt", "torch_dist", "torch_dist_distopt"])
 def test_megatron_engine_resume_reproduces_uninterrupted_run(workspace, tmp_path, distributed_optimizer, save_format):
     """engine: megatron at PP2 (1F1B over 2 stages, pipeline-sharded pools): stop after step 2 of 4
     (checkpoint: per-rank adapter shards, optimizer, scheduler, RNG), resume with --resume: steps 3-4
@@ -178,13 +178,13 @@ def test_megatron_engine_resume_reproduces_uninterrupted_run(workspace, tmp_path
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     if save_format == "torch_dist":
         assert (part / "checkpoints" / "step0000002" / "metadata.json").is_file()
-        # a native-saving run with the distributed optimizer cannot take the torch_dist checkpoint's state
-        distopt = make_megatron_recipe(workspace, tmp_path / "distopt", **{**extra, "output": {"save_format": "native"},
-                                                           "megatron": {**extra["megatron"],
-                                                                        "use_distributed_optimizer": True}})
-        proc = launch(distopt, 2, "--resume", str(part / "checkpoints" / "step0000002"), check=False)
-        assert proc.returncode != 0 and "set megatron.use_distributed_optimizer: false" in proc.stderr, \
-            proc.stderr[-2000:]
+        # a run with the other kind of optimizer cannot take the torch_dist checkpoint's optimizer state
+        other = make_megatron_recipe(workspace, tmp_path / "other", **{**extra, "output": {"save_format": "native"},
+                                                         "megatron": {**extra["megatron"],
+                                                                      "use_distributed_optimizer": not distributed_optimizer}})
+        proc = launch(other, 2, "--resume", str(part / "checkpoints" / "step0000002"), check=False)
+        want = f"set megatron.use_distributed_optimizer: {str(distributed_optimizer).lower()}"
+        assert proc.returncode != 0 and want in proc.stderr, proc.stderr[-2000:]
         return
 
     from rasa_megatron.megatron.checkpoint import check_resume_layout
@@ -380,15 +380,19 @@ def test_hf_to_megatron_then_the_engine_trains_and_resumes_a_torch_dist_checkpoi
         assert not (other / "metrics.csv").exists()
 
 
+@pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["torch_adamw", "distopt"])
 def test_a_mixtral_expert_adapter_goes_hf_to_megatron_trains_at_ep2_and_resumes_on_two_pipeline_stages(
-        workspace, tmp_path):
+        workspace, tmp_path, distributed_optimizer):
     """RaSA on attention and on every MoE expert (tiny Mixtral): HF base + an adapter with non-zero B ->
     ``rasa-convert hf-to-megatron --ep 2`` -> ``engine: megatron`` from it at EP2 (2 processes, each
     holding 2 of the 4 experts and their pools) with ``output.save_format: torch_dist``, stopped after
     step 2 of 4 -> resumed at PP2 x EP1 (every expert on both stages, the expert pools sharded over the
     stages): losses and gradient norms equal the single-process HF reference from that adapter (rel
     1e-5), the final adapter within 1e-5, the final checkpoint read offline equals it bit for bit, and
-    the merge onto the pretrained checkpoint's base equals the merge onto the HF base bit for bit."""
+    the merge onto the pretrained checkpoint's base equals the merge onto the HF base bit for bit.
+    ``distopt``: Megatron's distributed optimizer (a dense and an expert one, chained; the dense AdamW
+    states sharded over the 2 data-parallel ranks at EP2, whole at PP2), its state saved in Megatron's
+    fully reshardable format, with gradient clipping engaged (max_grad_norm 0.05)."""
     from reference import reference_run
 
     from rasa_megatron import adapter_state_dict, save_adapter
@@ -398,8 +402,8 @@ def test_a_mixtral_expert_adapter_goes_hf_to_megatron_trains_at_ep2_and_resumes_
     from rasa_megatron.training.recipe import load_recipe
 
     base, dist_ckpt, out = tiny_checkpoint(workspace, "tiny_mixtral"), tmp_path / "dist", tmp_path / "run"
-    extra = {"train": {"optimizer": "adamw", "max_steps": 4}, "model": {"path": base}, "adapter": MOE_ADAPTER,
-             "output": {"save_format": "torch_dist"}}
+    train = {"optimizer": "adamw", "max_steps": 4, **({"max_grad_norm": 0.05} if distributed_optimizer else {})}
+    extra = {"train": train, "model": {"path": base}, "adapter": MOE_ADAPTER, "output": {"save_format": "torch_dist"}}
     model = build_hf_model(load_recipe(make_megatron_recipe(workspace, tmp_path / "init", **extra)))
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -410,7 +414,7 @@ def test_a_mixtral_expert_adapter_goes_hf_to_megatron_trains_at_ep2_and_resumes_
     initial = {key: value.detach().clone() for key, value in adapter_state_dict(model).items()}
     assert convert(["hf-to-megatron", str(base), str(dist_ckpt), "--ep", "2", "--adapter", str(tmp_path / "adapter")]) == 0
 
-    pretrained = {"pretrained_checkpoint": str(dist_ckpt)}
+    pretrained = {"pretrained_checkpoint": str(dist_ckpt), "use_distributed_optimizer": distributed_optimizer}
     first = make_megatron_recipe(workspace, out, megatron={**EP2, **pretrained}, **extra)
     proc = launch(first, 2, "--stop-after", "2")
     assert "base weights and RaSA adapter" in proc.stderr

@@ -189,9 +189,8 @@ def test_torch_dist_save_format_and_pretrained_checkpoint_are_validated(tmp_path
     recipe.train.optimizer = "adamw"
     recipe.output.save_format = "torch_dist"
     assert validate_recipe(recipe, world_size=64, require_data=False) == 192 // 4
-    recipe.megatron.use_distributed_optimizer = True
-    with pytest.raises(RecipeError, match=r"save_format: torch_dist with megatron.use_distributed_optimizer: true"):
-        validate_recipe(recipe, world_size=64, require_data=False)
+    recipe.megatron.use_distributed_optimizer = True  # Megatron's fully reshardable optimizer checkpoint
+    assert validate_recipe(recipe, world_size=64, require_data=False) == 192 // 4
     recipe.megatron.use_distributed_optimizer = False
     recipe.output.save_format = "distcp"
     with pytest.raises(RecipeError, match=r"output.save_format='distcp'; valid: \['native', 'torch_dist'\]"):
