@@ -55,7 +55,7 @@ def _hf_to_megatron(args) -> int:
     try:
         hf_to_dist_checkpoint(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
                               adapter=args.adapter, overwrite=args.overwrite,
-                              make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+                              make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, dtype=args.dtype)
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     to_megatron.add_argument("--overwrite", action="store_true", help="replace an existing output")
     to_megatron.add_argument("--make-vocab-size-divisible-by", type=int,
                              help="pad the vocabulary to a multiple of this x --tp (Megatron-LM's option)")
+    to_megatron.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                             help="the base weights' dtype (auto: the HF config's dtype, else fp32; the adapter stays fp32)")
     to_megatron.set_defaults(run=_hf_to_megatron)
     check = commands.add_parser("check", help="re-verify a conversion output against its manifest")
     check.add_argument("directory")

@@ -3,12 +3,14 @@ checkpoint (``torch_dist``) that ``megatron.core.dist_checkpointing.load`` loads
 
 A dist checkpoint stores every tensor in its global view, so it is written from the model built in
 this one process at TP 1 x PP 1 (a gloo world of one, no torchrun): the GPTModel of the HF config
-(this project's local spec, RaSA wrappers when an adapter is given) holds the HF weights
-(``hf_to_megatron``) and the adapter (``load_hf_adapter_``), and Megatron's own ``sharded_state_dict``
-and ``dist_checkpointing.save`` write it: the keys, shapes and replica structure are exactly those a
-model built on the requested layout asks for, and dist-checkpoint resharding serves every other one.
-Memory: the whole model once (as Megatron-Bridge's import); the requested ``--tp/--pp/--vpp/--ep`` are
-checked against the model and recorded in ``checkpoint.json``.
+(this project's local spec, RaSA wrappers when an adapter is given), its base on the meta device, the
+adapter real (``load_hf_adapter_``); Megatron's own ``sharded_state_dict`` and ``dist_checkpointing.save``
+write it, so the keys, shapes, replica ids and sharded objects are exactly those a model built on the
+requested layout asks for, and dist-checkpoint resharding serves every other one. Memory: the base is
+streamed (:func:`_streaming_strategy`): each base tensor is read from the safetensors
+(``hf_to_megatron_sources``) and converted when torch DCP's serial writer writes it, so the peak is
+about the largest tensor (plus its sources) and the adapter, not the model. The requested
+``--tp/--pp/--vpp/--ep`` are checked against the model and recorded in ``checkpoint.json``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import contextlib
 import copy
 import os
 import socket
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ import torch
 from ..adapter import CONFIG_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
 from ..config import RaSAConfig
 from ..convert.hf_checkpoint import SafetensorsCheckpoint
-from ..convert.megatron_weights import hf_to_megatron, transformer_config_from_hf
+from ..convert.megatron_weights import hf_to_megatron_sources, transformer_config_from_hf
 from ..convert.output import staged_output
 from ..convert.peft_import import rasa_from_peft_lora
 from ..parallel_layout import check_divisible, check_parallel_sizes
@@ -77,14 +80,88 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+#: ``--dtype`` of the written base weights
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _base_dtype(name: str, hf_config) -> torch.dtype:
+    if name == "auto":
+        configured = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        configured = getattr(torch, configured) if isinstance(configured, str) else configured
+        return configured if configured in BASE_DTYPES.values() else torch.float32
+    if name not in BASE_DTYPES:
+        raise ValueError(f"dtype {name!r}; valid: auto, {', '.join(BASE_DTYPES)}")
+    return BASE_DTYPES[name]
+
+
+def _zero_padded(source, rows: int) -> torch.Tensor:
+    tensor = source()
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
+def _streaming_strategy(source_of: dict):
+    """Megatron's ``torch_dist`` save strategy writing the base weights one tensor at a time: the model
+    holds them on the meta device, and each write item's data is read and converted (``source_of``:
+    ``{id(meta parameter): its source function}``) when torch DCP's serial writer asks for it, then
+    taken as the same view (``as_strided``) Megatron's entry holds of its parameter (a swiglu half,
+    a layer slice), so keys, shapes, replica ids and sharded objects stay exactly Megatron's. The
+    (small) adapter tensors are real and written as they are."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner, TorchDistSaveShardedStrategy,
+                                                                   _replace_state_dict_keys_with_sharded_keys,
+                                                                   mcore_to_pyt_state_dict)
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    class StreamingPlanner(MCoreSavePlanner):
+        def __init__(self, regions: dict, **kwargs):
+            super().__init__(**kwargs)
+            self.regions = regions  # (key, global offset) -> (source, shape, dtype, the entry's view of it)
+
+        def resolve_data(self, write_item):
+            chunk = write_item.tensor_data.chunk if write_item.tensor_data is not None else None
+            region = self.regions.get((write_item.index.fqn, tuple(chunk.offsets))) if chunk is not None else None
+            if region is None:  # sharded objects, adapter tensors: as they are
+                return super().resolve_data(write_item)
+            source, shape, dtype, (size, stride, offset) = region
+            full = source().to(dtype).contiguous()  # the model's dtype, as load_state_dict would cast
+            if tuple(full.shape) != shape:
+                raise ValueError(f"{write_item.index.fqn}: the HF weights give {list(full.shape)}, the Megatron model "
+                                 f"holds {list(shape)}")
+            return full.as_strided(size, stride, offset).reshape(chunk.sizes).clone()
+
+    class StreamingStrategy(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):  # synchronous, torch's writer: one item at a time
+            regions = {}
+            for entry in nested_values(sharded_state_dict):
+                if isinstance(entry, ShardedTensor) and entry.data.device.type == "meta":
+                    root = entry.data if entry.data._base is None else entry.data._base
+                    if id(root) not in source_of:
+                        raise RuntimeError(f"{entry.key}: no source tensor for this base entry")
+                    view = (tuple(entry.data.shape), entry.data.stride(), entry.data.storage_offset())
+                    regions[(entry.key, tuple(entry.global_offset))] = (source_of[id(root)], tuple(root.shape), root.dtype,
+                                                                      view)
+            sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
+                                                                                   self.keep_only_main_replica)
+            dcp_save(mcore_to_pyt_state_dict(sharded_state_dict, False),
+                     storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=True),
+                     planner=StreamingPlanner(regions, dedup_replicated_tensors=not self.keep_only_main_replica,
+                                              flatten_state_dict=False))
+
+    return StreamingStrategy("torch_dist", 1)
+
+
 def hf_to_dist_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1, pp: int = 1, vpp: int = 1,
                           ep: int = 1, adapter: str | os.PathLike | None = None, overwrite: bool = False,
-                          make_vocab_size_divisible_by: int | None = None) -> dict:
+                          make_vocab_size_divisible_by: int | None = None, dtype: str = "auto") -> dict:
     """Write the ``torch_dist`` checkpoint of the HF model in ``hf_dir`` (+ the project adapter ``adapter``)
     to ``out`` (staged, manifested, renamed into place). Returns what ``checkpoint.json`` records. Raises
     ValueError / FileNotFoundError / FileExistsError naming what does not fit, before writing anything.
     ``adapter``: the project adapter or a PEFT LoRA export. ``make_vocab_size_divisible_by``: pad the
-    embedding and output layer with zero rows as Megatron-LM does (``megatron-to-hf`` truncates them again)."""
+    embedding and output layer with zero rows as Megatron-LM does (``megatron-to-hf`` truncates them again).
+    ``dtype``: the base weights' dtype, ``auto`` (the HF config's ``dtype``, fp32 when it names none) or
+    one of :data:`BASE_DTYPES`; the adapter stays fp32 (the optimizer's masters)."""
     from megatron.core import dist_checkpointing
     from transformers import AutoConfig
 
@@ -96,6 +173,7 @@ def hf_to_dist_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, tp:
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} has no config.json")
     hf_config = AutoConfig.from_pretrained(hf_dir)
+    base_dtype = _base_dtype(dtype, hf_config)
     check_parallel_sizes(hf_config, tp, pp, vpp)
     if getattr(hf_config, "num_local_experts", None):
         check_divisible(hf_config.num_local_experts, ep, "num_local_experts", "the expert-parallel size")
@@ -108,24 +186,27 @@ def hf_to_dist_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, tp:
     description = {"format": DESCRIPTION_FORMAT, "format_version": DESCRIPTION_VERSION, "engine": "torch_dist",
                    "step": 0, "method": "rasa" if rasa_config else "base",
                    "rasa_config": rasa_config.to_dict() if rasa_config else None,
-                   "base_model": {"path": str(hf_dir)}, "layout": layout}
-    state = hf_to_megatron(weights, hf_config, 0, 1)
+                   "base_model": {"path": str(hf_dir)}, "layout": layout,
+                   "base_dtype": str(base_dtype).removeprefix("torch.")}
+    sources = hf_to_megatron_sources(weights, hf_config, 0, 1)
     model_config = hf_config
     if make_vocab_size_divisible_by:
         padded = padded_vocab_size(hf_config.vocab_size, make_vocab_size_divisible_by, tp)
         model_config = copy.deepcopy(hf_config)
         model_config.vocab_size = padded
         for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            if key in state:
-                rows = state[key]
-                state[key] = torch.cat([rows, rows.new_zeros(padded - rows.shape[0], rows.shape[1])])
+            if key in sources:
+                sources[key] = partial(_zero_padded, sources[key], padded)
         description["padded_vocab_size"] = padded
     with _single_process_megatron():
-        model = build_gpt_model(transformer_config_from_hf(hf_config), model_config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [key for key in missing if not key.endswith("_extra_state")]
+        with torch.device("meta"):  # the base as shapes only: each tensor is read when it is written
+            model = build_gpt_model(transformer_config_from_hf(hf_config, params_dtype=base_dtype), model_config)
+        base_names = {name: param for name, param in model.state_dict(keep_vars=True).items()
+                      if not name.endswith("_extra_state")}
+        missing, unexpected = sorted(set(base_names) - set(sources)), sorted(set(sources) - set(base_names))
         if missing or unexpected:
             raise ValueError(f"{hf_dir} does not fill the Megatron model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        source_of = {id(param): sources[name] for name, param in base_names.items()}
         if rasa_config is not None:
             apply_rasa_megatron([model], rasa_config)
             try:
@@ -140,7 +221,7 @@ def hf_to_dist_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, tp:
                                  f"({len(off)} keys) not placed as given")
         with staged_output(out, {"hf": str(hf_dir), "adapter": str(adapter) if adapter else None, "layout": layout},
                            overwrite) as tmp:
-            dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+            dist_checkpointing.save(model.sharded_state_dict(), str(tmp), sharded_strategy=_streaming_strategy(source_of))
             write_json(tmp / DESCRIPTION_FILE, description)
     return description
 

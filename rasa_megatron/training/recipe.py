@@ -126,7 +126,8 @@ class MegatronSection:
     ``attention``: ``sdpa`` (torch's scaled_dot_product_attention: flash / memory-efficient kernels, no
     ``s^2`` score tensors) or ``local`` (Megatron's unfused ``DotProductAttention``).
     ``pretrained_checkpoint``: a Megatron distributed checkpoint (``torch_dist``: ``rasa-convert
-    hf-to-megatron``, Megatron-LM) whose base weights, and RaSA adapter when it holds one, initialise the
+    hf-to-megatron``, Megatron-LM; a Megatron-LM save root stands for the iteration its
+    ``latest_checkpointed_iteration.txt`` names) whose base weights, and RaSA adapter when it holds one, initialise the
     model instead of ``model.path``'s safetensors (Megatron-LM's ``--pretrained-checkpoint``); the
     architecture and tokenizer still come from ``model.path`` / ``model.config``."""
 
@@ -230,6 +231,19 @@ def _resolve(path: str | None, base: Path) -> str | None:
         return path
     candidate = base / path
     return str(candidate) if candidate.exists() or not Path(path).exists() else path
+
+
+def _megatron_lm_iteration(path: str) -> str:
+    """A Megatron-LM save root (``latest_checkpointed_iteration.txt``) -> the iteration directory it names
+    now (``iter_0000500`` or ``release``), so a run and its resume name one checkpoint; else ``path``."""
+    tracker = Path(path) / "latest_checkpointed_iteration.txt"
+    if (Path(path) / "metadata.json").is_file() or not tracker.is_file():
+        return path
+    text = tracker.read_text().strip()
+    if text != "release" and not text.isdigit():
+        raise RecipeError(f"megatron.pretrained_checkpoint {path!r}: {tracker.name} holds {text!r}, not an "
+                          "iteration number or 'release'")
+    return str(Path(path) / ("release" if text == "release" else f"iter_{int(text):07d}"))
 
 
 def _resolve_paths(recipe: Recipe, base: Path) -> None:
@@ -402,11 +416,12 @@ def _validate_megatron(recipe: Recipe, world_size: int) -> int:
         raise RecipeError(f"megatron.use_distributed_optimizer: true needs train.optimizer: adamw (Megatron's "
                           f"distributed optimizer is Adam/AdamW or SGD), got {recipe.train.optimizer!r}")
     if mg.pretrained_checkpoint is not None:
+        mg.pretrained_checkpoint = _megatron_lm_iteration(mg.pretrained_checkpoint)
         if not (Path(mg.pretrained_checkpoint) / "metadata.json").is_file():
             raise RecipeError(f"megatron.pretrained_checkpoint {mg.pretrained_checkpoint!r} is not a Megatron "
-                              "distributed checkpoint (a directory with metadata.json naming a sharded backend; "
-                              "write one with rasa-convert hf-to-megatron; of a Megatron-LM save root give its "
-                              "iter_NNNNNNN directory)")
+                              "distributed checkpoint (a directory with metadata.json naming a sharded backend, "
+                              "or a Megatron-LM save root whose latest_checkpointed_iteration.txt names one; "
+                              "write one with rasa-convert hf-to-megatron)")
     if recipe.adapter.method == "full":
         raise RecipeError("engine: megatron trains adapters (adapter.method rasa or lora); use engine: deepspeed "
                           "for full fine-tuning")

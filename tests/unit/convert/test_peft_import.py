@@ -91,7 +91,6 @@ def test_what_is_not_a_rasa_lora_is_refused_naming_it(tmp_path):
     config_file = tmp_path / "peft" / "adapter_config.json"
     config = json.loads(config_file.read_text())
     for change, message in (({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
-                            ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
                             ({"use_dora": True}, "use_dora is set")):
         config_file.write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match=message):
@@ -103,9 +102,12 @@ def test_what_is_not_a_rasa_lora_is_refused_naming_it(tmp_path):
 def test_hf_to_megatron_round_trips_a_mixtral_expert_adapter(tmp_path):
     """HF Mixtral + RaSA on attention and on every expert (``target_parameters``: per-expert private
     factors and diagonals, one pool per expert index) -> ``hf-to-megatron --ep 2`` (one process) -> read
-    back offline: every adapter tensor bit for bit and the same RaSA config; ``megatron-to-hf --merged``
+    back offline: every adapter tensor bit for bit and the same RaSA config (the base alone with --dtype
+    bf16: every tensor the bf16 cast of the HF one); ``megatron-to-hf --merged``
     from the checkpoint's own base weights (Mixtral's per-expert on-disk names) equals, bit for bit, the
-    merge onto the HF base, and its logits equal the RaSA model's (fp32, 1e-5)."""
+    merge onto the HF base, and its logits equal the RaSA model's (fp32, 1e-5). The PEFT export of the
+    same adapter imports back to RaSA on the experts with the same logits and goes through
+    hf-to-megatron the same way."""
     from safetensors.torch import load_file
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -142,10 +144,41 @@ def test_hf_to_megatron_round_trips_a_mixtral_expert_adapter(tmp_path):
     from_dist, from_hf = (load_file(tmp_path / name / "model.safetensors") for name in ("m_dist", "m_hf"))
     assert sorted(from_dist) == sorted(from_hf) and all(torch.equal(from_dist[k], from_hf[k]) for k in from_hf)
     assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in from_dist
+    # the base alone in bf16 (--dtype; the default takes the config's, fp32 here): each tensor the bf16
+    # cast of the HF one, read back through the same per-layer reader
+    from transformers import AutoConfig
+
+    from rasa_megatron.convert.dist_checkpoint import DistBaseWeights
+    from rasa_megatron.convert.merged import BaseWeights
+
+    assert main(["hf-to-megatron", str(tmp_path / "base"), str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    bf16, source = DistBaseWeights(tmp_path / "bf16", AutoConfig.from_pretrained(tmp_path / "base")), BaseWeights(
+        tmp_path / "base")
+    assert sorted(bf16.keys()) == sorted(source.keys())
+    assert all(torch.equal(bf16.read(key), source.read(key).bfloat16()) for key in source.keys())
+    assert json.loads((tmp_path / "bf16" / "checkpoint.json").read_text())["base_dtype"] == "bfloat16"
     merged = MixtralForCausalLM.from_pretrained(tmp_path / "m_dist").eval()
     tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(tokens).logits, model(tokens).logits, rtol=0, atol=1e-5)
+    # the PEFT export (experts under target_parameters) comes back with r, k and the expert targets, every
+    # A factor exact, the same logits; hf-to-megatron of it holds exactly the imported tensors
+    export_peft_lora(model, tmp_path / "peft")
+    imported, imported_config = rasa_from_peft_lora(tmp_path / "peft")
+    assert (imported_config.r, imported_config.k) == (4, 1)
+    assert set(imported_config.target_parameters) == set(rasa.target_parameters)
+    assert set(imported_config.target_modules) == {"q_proj", "o_proj"}
+    assert sorted(imported) == sorted(given)
+    assert all(torch.equal(imported[key], given[key]) for key in given if key.endswith(("A_private", "A_shared")))
+    torch.manual_seed(0)
+    again = apply_rasa(MixtralForCausalLM(config).eval(), imported_config)
+    assign_adapter_tensors_(again, imported)
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens).logits, model(tokens).logits, rtol=0, atol=1e-5)
+    assert main(["hf-to-megatron", str(tmp_path / "base"), str(tmp_path / "dist_peft"), "--ep", "2", "--adapter",
+                 str(tmp_path / "peft")]) == 0
+    placed, _, _ = adapter_from_dist_checkpoint(tmp_path / "dist_peft")
+    assert sorted(placed) == sorted(imported) and all(torch.equal(placed[k], imported[k]) for k in imported)
 
 
 def test_an_untrained_pool_stays_trainable_and_a_bf16_export_is_read(tmp_path):

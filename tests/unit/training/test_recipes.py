@@ -196,6 +196,17 @@ def test_torch_dist_save_format_and_pretrained_checkpoint_are_validated(tmp_path
     with pytest.raises(RecipeError, match=r"output.save_format='distcp'; valid: \['native', 'torch_dist'\]"):
         validate_recipe(recipe, world_size=64, require_data=False)
     recipe.output.save_format = "native"
+    # a Megatron-LM save root: the iteration its tracker names now (a resume names the same checkpoint)
+    (tmp_path / "root" / "iter_0000500").mkdir(parents=True)
+    (tmp_path / "root" / "iter_0000500" / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    (tmp_path / "root" / "latest_checkpointed_iteration.txt").write_text("500\n")
+    recipe.megatron.pretrained_checkpoint = str(tmp_path / "root")
+    validate_recipe(recipe, world_size=64, require_data=False)
+    assert recipe.megatron.pretrained_checkpoint == str(tmp_path / "root" / "iter_0000500")
+    (tmp_path / "root" / "latest_checkpointed_iteration.txt").write_text("soon")
+    recipe.megatron.pretrained_checkpoint = str(tmp_path / "root")
+    with pytest.raises(RecipeError, match=r"latest_checkpointed_iteration.txt holds 'soon'"):
+        validate_recipe(recipe, world_size=64, require_data=False)
     recipe.megatron.pretrained_checkpoint = str(tmp_path)
     with pytest.raises(RecipeError, match=r"pretrained_checkpoint .* is not a Megatron distributed checkpoint"):
         validate_recipe(recipe, world_size=64, require_data=False)
