@@ -171,12 +171,15 @@ CASES = {  # name: (model, optimizer, deepspeed config or None, megatron section
 }
 
 
-def megatron_torch_dist_case(paths: dict, work: Path, gpu: bool, log: Path, timeout) -> dict:
+def megatron_torch_dist_case(paths: dict, work: Path, gpu: bool, log: Path, timeout,
+                             distributed_optimizer: bool = False) -> dict:
     """``rasa-convert hf-to-megatron`` on this machine (with CUDA: Megatron's real RNG tracker, no CPU
     stand-ins), then the Megatron engine initialised from that checkpoint (``megatron.pretrained_checkpoint``)
     with ``output.save_format: torch_dist``, stopped after step 2 and resumed: its losses against the
-    ``megatron_recompute_sdpa`` run of the same recipe from the HF directory (same precision)."""
-    dist_dir = work / "llama_torch_dist"
+    ``megatron_recompute_sdpa`` run of the same recipe from the HF directory (same precision).
+    ``distributed_optimizer``: with Megatron's distributed optimizer (its fully reshardable state)."""
+    suffix = "_distopt" if distributed_optimizer else ""
+    dist_dir = work / f"llama_torch_dist{suffix}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            **({} if gpu else {"CUDA_VISIBLE_DEVICES": ""})}
     convert = subprocess.run([sys.executable, "-c", "import sys; from rasa_megatron.cli.convert import main; "
@@ -186,9 +189,10 @@ def megatron_torch_dist_case(paths: dict, work: Path, gpu: bool, log: Path, time
         handle.write(f"\n=== hf-to-megatron\n{convert.stdout}{convert.stderr}")
     if convert.returncode != 0:
         raise RuntimeError(f"hf-to-megatron failed ({convert.returncode}): {convert.stderr[-500:]}")
-    part = work / "megatron_torch_dist"
+    part = work / f"megatron_torch_dist{suffix}"
     path = recipe(paths, part, "llama", "bf16" if gpu else "fp32", "adamw", None,
-                  {"attention": "sdpa", "pretrained_checkpoint": str(dist_dir)})
+                  {"attention": "sdpa", "pretrained_checkpoint": str(dist_dir),
+                   "use_distributed_optimizer": distributed_optimizer})
     data = yaml.safe_load(path.read_text())
     data["output"]["save_format"] = "torch_dist"
     path.write_text(yaml.safe_dump(data))
@@ -340,6 +344,13 @@ def main(argv=None) -> int:
         record("megatron_torch_dist_from_hf_to_megatron", megatron_torch_dist_case(paths, work, gpu, log, timeout))
     except Exception as err:  # noqa: BLE001
         record("megatron_torch_dist_from_hf_to_megatron", {"passed": False, "error": str(err)})
+    try:
+        if timeout() < 60:
+            raise RuntimeError(f"skipped: the time budget ({args.budget:.0f} s) is spent")
+        record("megatron_torch_dist_distributed_optimizer",
+               megatron_torch_dist_case(paths, work, gpu, log, timeout, distributed_optimizer=True))
+    except Exception as err:  # noqa: BLE001
+        record("megatron_torch_dist_distributed_optimizer", {"passed": False, "error": str(err)})
     if gpu:
         try:
             record("adapter_init_on_cuda", adapter_init_on_cuda())

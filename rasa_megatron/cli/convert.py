@@ -53,12 +53,16 @@ def _hf_to_megatron(args) -> int:
     from ..megatron.dist_export import hf_to_dist_checkpoint
 
     try:
-        hf_to_dist_checkpoint(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
-                              adapter=args.adapter, overwrite=args.overwrite,
-                              make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, dtype=args.dtype)
+        result = hf_to_dist_checkpoint(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
+                                       adapter=args.adapter, overwrite=args.overwrite,
+                                       make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                                       dtype=args.dtype, dry_run=args.dry_run)
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print("\n".join(result["plan"]))
+        return 0
     print(f"wrote the torch_dist checkpoint {args.out} (loads at TP {args.tp} x PP {args.pp} and, resharded, "
           "at any other layout)")
     return 0
@@ -112,6 +116,8 @@ def main(argv=None) -> int:
                              help="pad the vocabulary to a multiple of this x --tp (Megatron-LM's option)")
     to_megatron.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                              help="the base weights' dtype (auto: the HF config's dtype, else fp32; the adapter stays fp32)")
+    to_megatron.add_argument("--dry-run", action="store_true",
+                             help="check the inputs and print the plan (tensors, sizes, memory bound); write nothing")
     to_megatron.set_defaults(run=_hf_to_megatron)
     check = commands.add_parser("check", help="re-verify a conversion output against its manifest")
     check.add_argument("directory")

@@ -86,12 +86,37 @@ BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 def _base_dtype(name: str, hf_config) -> torch.dtype:
     if name == "auto":
-        configured = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        configured = getattr(hf_config, "dtype", None)  # transformers 5 (torch_dtype before)
         configured = getattr(torch, configured) if isinstance(configured, str) else configured
         return configured if configured in BASE_DTYPES.values() else torch.float32
     if name not in BASE_DTYPES:
         raise ValueError(f"dtype {name!r}; valid: auto, {', '.join(BASE_DTYPES)}")
     return BASE_DTYPES[name]
+
+
+def _plan_lines(hf_dir: Path, out: Path, overwrite: bool, base_names: dict, model, base_dtype, layout) -> list[str]:
+    """What ``hf-to-megatron`` would write, and the memory it needs (the largest base tensor three times:
+    its HF sources, the converted tensor, the written view; plus the adapter)."""
+    def nbytes(tensor):
+        return tensor.numel() * tensor.element_size()
+
+    base = sum(nbytes(t) for t in base_names.values())
+    largest_name, largest = max(((name, nbytes(t)) for name, t in base_names.items()), key=lambda item: item[1])
+    base_ids = {id(t) for t in base_names.values()}
+    adapter = sum(nbytes(p) for p in model.parameters() if id(p) not in base_ids)
+    gib = 2 ** 30
+    lines = [f"source: {hf_dir}", f"output: {out} (torch_dist: metadata.json, .metadata, one .distcp, common.pt, "
+             "checkpoint.json, conversion_manifest.json)",
+             f"layout it is meant for: TP{layout['tensor_model_parallel_size']} x PP{layout['pipeline_model_parallel_size']}"
+             f" x VPP{layout['virtual_pipeline_model_parallel_size']} x EP{layout['expert_model_parallel_size']} "
+             "(any other loads by resharding)",
+             f"base: {len(base_names)} tensors, {base / gib:.3f} GiB in {str(base_dtype).removeprefix('torch.')}",
+             f"adapter: {adapter / gib:.4f} GiB (fp32)",
+             f"memory bound: about {(3 * largest + adapter) / gib:.3f} GiB + the Python / Megatron baseline "
+             f"(3 x the largest base tensor, {largest_name}, plus the adapter), independent of depth"]
+    if out.exists() and not overwrite:
+        lines.append(f"{out} exists: pass --overwrite to replace it")
+    return lines
 
 
 def _zero_padded(source, rows: int) -> torch.Tensor:
@@ -154,14 +179,17 @@ def _streaming_strategy(source_of: dict):
 
 def hf_to_dist_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1, pp: int = 1, vpp: int = 1,
                           ep: int = 1, adapter: str | os.PathLike | None = None, overwrite: bool = False,
-                          make_vocab_size_divisible_by: int | None = None, dtype: str = "auto") -> dict:
+                          make_vocab_size_divisible_by: int | None = None, dtype: str = "auto",
+                          dry_run: bool = False) -> dict:
     """Write the ``torch_dist`` checkpoint of the HF model in ``hf_dir`` (+ the project adapter ``adapter``)
     to ``out`` (staged, manifested, renamed into place). Returns what ``checkpoint.json`` records. Raises
     ValueError / FileNotFoundError / FileExistsError naming what does not fit, before writing anything.
     ``adapter``: the project adapter or a PEFT LoRA export. ``make_vocab_size_divisible_by``: pad the
     embedding and output layer with zero rows as Megatron-LM does (``megatron-to-hf`` truncates them again).
     ``dtype``: the base weights' dtype, ``auto`` (the HF config's ``dtype``, fp32 when it names none) or
-    one of :data:`BASE_DTYPES`; the adapter stays fp32 (the optimizer's masters)."""
+    one of :data:`BASE_DTYPES`; the adapter stays fp32 (the optimizer's masters). ``dry_run``: check
+    everything, write nothing, and return the description with ``"plan"`` (lines: tensors, bytes,
+    the memory bound)."""
     from megatron.core import dist_checkpointing
     from transformers import AutoConfig
 
@@ -219,6 +247,8 @@ def hf_to_dist_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, tp:
             if off:
                 raise ValueError(f"the adapter {adapter} does not fit the model of {hf_dir}: {off[:4]} "
                                  f"({len(off)} keys) not placed as given")
+        if dry_run:
+            return {**description, "plan": _plan_lines(hf_dir, out, overwrite, base_names, model, base_dtype, layout)}
         with staged_output(out, {"hf": str(hf_dir), "adapter": str(adapter) if adapter else None, "layout": layout},
                            overwrite) as tmp:
             dist_checkpointing.save(model.sharded_state_dict(), str(tmp), sharded_strategy=_streaming_strategy(source_of))

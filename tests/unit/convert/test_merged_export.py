@@ -246,9 +246,22 @@ def test_hf_to_megatron_memory_does_not_grow_with_depth(tmp_path):
     growth = peaks[32] - peaks[4]
     print(f"hf-to-megatron peak RSS growth 4 -> 32 layers: {growth / layer_bytes:.2f} layer")
     assert growth < layer_bytes, (growth / layer_bytes, peaks)
+    from transformers import AutoConfig
+
+    from rasa_megatron.cli.convert import main
     from rasa_megatron.convert.dist_checkpoint import DistBaseWeights
     from rasa_megatron.convert.merged import BaseWeights
-    from transformers import AutoConfig
+
+    # --dry-run: the plan with its bound (three of the largest tensor, fc1 [2 x 3w, w] fp32), nothing written
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["hf-to-megatron", str(tmp_path / "base32"), str(tmp_path / "dry"), "--dry-run"]) == 0
+    plan = printed.getvalue()
+    assert "base: 195 tensors" in plan and f"{3 * 4 * 6 * width * width / 2 ** 30:.3f} GiB" in plan, plan
+    assert not (tmp_path / "dry").exists()
 
     written, source = DistBaseWeights(tmp_path / "dist4", AutoConfig.from_pretrained(tmp_path / "base4")), BaseWeights(
         tmp_path / "base4")
