@@ -52,6 +52,9 @@ def wrapper_sharded_state_dict(base_layer, adapter_tensors: dict, tp_axes: dict,
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
     tp_group, dp_cp_group, metadata = dist_ckpt_groups(metadata)
+    # the base layer's own group: an MoE expert's linear is split over the expert TP group (size 1 here),
+    # not the dense one, and its adapter with it (Megatron's SequentialMLP then sets the replica ids)
+    tp_group = getattr(base_layer, "tp_group", None) or tp_group
     entries = base_layer.sharded_state_dict(prefix + "base_layer.", sharded_offsets, metadata)
     for entry in entries.values():
         if hasattr(entry, "key") and entry.key.startswith(prefix + "base_layer."):

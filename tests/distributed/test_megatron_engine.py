@@ -381,18 +381,20 @@ def test_hf_to_megatron_then_the_engine_trains_and_resumes_a_torch_dist_checkpoi
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["torch_adamw", "distopt"])
-def test_a_mixtral_expert_adapter_goes_hf_to_megatron_trains_at_ep2_and_resumes_on_two_pipeline_stages(
+def test_a_mixtral_expert_adapter_goes_hf_to_megatron_trains_at_ep2_and_resumes_on_another_layout(
         workspace, tmp_path, distributed_optimizer):
     """RaSA on attention and on every MoE expert (tiny Mixtral): HF base + an adapter with non-zero B ->
     ``rasa-convert hf-to-megatron --ep 2`` -> ``engine: megatron`` from it at EP2 (2 processes, each
     holding 2 of the 4 experts and their pools) with ``output.save_format: torch_dist``, stopped after
     step 2 of 4 -> resumed at PP2 x EP1 (every expert on both stages, the expert pools sharded over the
-    stages): losses and gradient norms equal the single-process HF reference from that adapter (rel
+    stages; ``distopt``: TP2 + SP): losses and gradient norms equal the single-process HF reference from that adapter (rel
     1e-5), the final adapter within 1e-5, the final checkpoint read offline equals it bit for bit, and
     the merge onto the pretrained checkpoint's base equals the merge onto the HF base bit for bit.
     ``distopt``: Megatron's distributed optimizer (a dense and an expert one, chained; the dense AdamW
-    states sharded over the 2 data-parallel ranks at EP2, whole at PP2), its state saved in Megatron's
-    fully reshardable format, with gradient clipping engaged (max_grad_norm 0.05)."""
+    states sharded over the 2 data-parallel ranks at EP2), its state saved in Megatron's fully
+    reshardable format, with gradient clipping engaged (max_grad_norm 0.05), resumed at TP2 + SP
+    instead (attention TP-split, every expert whole on both TP ranks: the expert adapters' entries are
+    split over the expert TP group, not the dense one)."""
     from reference import reference_run
 
     from rasa_megatron import adapter_state_dict, save_adapter
@@ -418,7 +420,9 @@ def test_a_mixtral_expert_adapter_goes_hf_to_megatron_trains_at_ep2_and_resumes_
     first = make_megatron_recipe(workspace, out, megatron={**EP2, **pretrained}, **extra)
     proc = launch(first, 2, "--stop-after", "2")
     assert "base weights and RaSA adapter" in proc.stderr
-    second = make_megatron_recipe(workspace, out, megatron={"pipeline_model_parallel_size": 2, **pretrained}, **extra)
+    resumed_at = ({"tensor_model_parallel_size": 2, "sequence_parallel": True} if distributed_optimizer
+                  else {"pipeline_model_parallel_size": 2})
+    second = make_megatron_recipe(workspace, out, megatron={**resumed_at, **pretrained}, **extra)
     proc = launch(second, 2, "--resume")
     assert "resharded" in proc.stderr
 
