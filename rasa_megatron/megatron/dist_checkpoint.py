@@ -224,7 +224,7 @@ def load_dist_checkpoint(recipe, tag_dir: Path, chunks: list, optimizers: list, 
                    "the adapter and optimizer state")
     _copy_loaded(targets, loaded["model"])
     if distributed:
-        _load_distributed_optimizer(optimizer, loaded["optimizer"])
+        _load_distributed_optimizer(optimizer, loaded["optimizer"], tag_dir)
     else:
         _load_torch_optimizer(optimizer, own, loaded["optimizer"])
     for scheduler, saved in zip(schedulers, own["schedulers"], strict=True):
@@ -244,7 +244,7 @@ def load_dist_checkpoint(recipe, tag_dir: Path, chunks: list, optimizers: list, 
     return step
 
 
-def _load_distributed_optimizer(optimizer, loaded) -> None:
+def _load_distributed_optimizer(optimizer, loaded, tag_dir: Path) -> None:
     """Megatron's ``load_state_dict`` in its two parts per instance: hyperparameters, ``step`` and grad
     scaler, then the fully reshardable parameter state with torch AdamW's per-parameter ``step`` set
     aside meanwhile (megatron-core 0.16 copies every state the torch optimizer holds from the loaded
@@ -256,7 +256,7 @@ def _load_distributed_optimizer(optimizer, loaded) -> None:
         state = dict(state)
         param_state, kind = state.pop("param_state"), state.pop("param_state_sharding_type")
         if kind != DISTOPT_METADATA["distrib_optim_sharding_type"]:
-            raise SystemExit(f"error: the distributed optimizer's state is stored as {kind!r}, expected "
+            raise SystemExit(f"error: cannot resume {tag_dir}: the distributed optimizer's state is stored as {kind!r}, expected "
                              f"{DISTOPT_METADATA['distrib_optim_sharding_type']!r}")
         instance.load_state_dict(state)
         steps = {param: param_states.pop("step") for param, param_states in instance.optimizer.state.items()

@@ -143,6 +143,7 @@ def _streaming_strategy(source_of: dict):
         def __init__(self, regions: dict, **kwargs):
             super().__init__(**kwargs)
             self.regions = regions  # (key, global offset) -> (source, shape, dtype, the entry's view of it)
+            self.last = (None, None)  # the last source converted: the two swiglu halves of fc1 come in turn
 
         def resolve_data(self, write_item):
             chunk = write_item.tensor_data.chunk if write_item.tensor_data is not None else None
@@ -150,7 +151,11 @@ def _streaming_strategy(source_of: dict):
             if region is None:  # sharded objects, adapter tensors: as they are
                 return super().resolve_data(write_item)
             source, shape, dtype, (size, stride, offset) = region
-            full = source().to(dtype).contiguous()  # the model's dtype, as load_state_dict would cast
+            if self.last[0] is not source:
+                self.last = (None, None)  # the previous tensor freed first
+                full = source().to(dtype).contiguous()  # the model's dtype, as load_state_dict would cast
+                self.last = (source, full if full.storage_offset() == 0 else full.clone())  # as_strided's
+            full = self.last[1]  # offset is absolute in the storage
             if tuple(full.shape) != shape:
                 raise ValueError(f"{write_item.index.fqn}: the HF weights give {list(full.shape)}, the Megatron model "
                                  f"holds {list(shape)}")
