@@ -303,6 +303,50 @@ def test_a_tp2_pp2_checkpoint_converts_offline_and_every_bad_input_is_refused(wo
 
 
 
+def _initial_adapter(workspace, tmp_path, extra: dict) -> dict:
+    """The recipe's adapter init with seeded non-zero B (so every factor matters), saved to
+    ``tmp_path / "adapter"``; returns its tensors."""
+    from rasa_megatron import adapter_state_dict, save_adapter
+    from rasa_megatron.training.model import build_hf_model
+    from rasa_megatron.training.recipe import load_recipe
+
+    model = build_hf_model(load_recipe(make_megatron_recipe(workspace, tmp_path / "init", **extra)))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("B_private", "B_shared")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    save_adapter(model, tmp_path / "adapter")
+    return {key: value.detach().clone() for key, value in adapter_state_dict(model).items()}
+
+
+def _check_resumed_run(out, recipe_path, initial: dict, base, tmp_path):
+    """A 4-step run from ``initial``, stopped and resumed: losses and gradient norms equal the HF
+    reference (rel 1e-5), the adapter within 1e-5, the final checkpoint read offline equal to it bit for
+    bit with the same RaSA config, and the merge onto the run's pretrained_checkpoint base (read a layer
+    at a time) equal bit for bit to the merge onto the HF weights it was converted from. Returns
+    ``(offline checkpoint, the pretrained merge's report)``."""
+    from reference import reference_run
+
+    from rasa_megatron.convert.hf_export import export_engine_checkpoint, read_engine_checkpoint
+    from rasa_megatron.training.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    ref_losses, ref_adapter, ref_norms = reference_run(recipe, 4, initial_adapter=initial)
+    np.testing.assert_allclose(read_losses(out), ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(read_metric(out, "grad_norm"), ref_norms, rtol=1e-5)
+    saved = load_file(out / "adapter" / "rasa_adapter.safetensors")
+    assert_adapters_close(saved, ref_adapter, "adamw", recipe.train.lr)
+    offline = read_engine_checkpoint(out / "checkpoints")
+    assert sorted(offline.tensors) == sorted(saved) and all(torch.equal(offline.tensors[k], saved[k]) for k in saved)
+    assert offline.rasa_config.to_dict() == recipe.rasa_config().to_dict()
+    report = export_engine_checkpoint(out / "checkpoints", base, merged=tmp_path / "m_pretrained", progress=False)
+    export_engine_checkpoint(out / "checkpoints", base, merged=tmp_path / "m_hf", base=base, progress=False)
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("m_pretrained", "m_hf"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    return offline, report
+
+
 def test_hf_to_megatron_then_the_engine_trains_and_resumes_a_torch_dist_checkpoint_on_another_layout(workspace,
                                                                                                       tmp_path):
     """HF base + an adapter (the recipe's init with non-zero B) -> ``rasa-convert hf-to-megatron --tp 2
@@ -313,25 +357,13 @@ def test_hf_to_megatron_then_the_engine_trains_and_resumes_a_torch_dist_checkpoi
     HF reference started from that adapter (rel 1e-5), the final adapter within 1e-5 (fp32; the same
     arithmetic in another order), and the final torch_dist checkpoint converts offline to that adapter
     bit for bit. Without the optimizer-state reshard, step 3 would differ."""
-    from reference import reference_run
 
-    from rasa_megatron import adapter_state_dict, save_adapter
     from rasa_megatron.cli.convert import main as convert
-    from rasa_megatron.convert.hf_export import read_engine_checkpoint
-    from rasa_megatron.training.model import build_hf_model
-    from rasa_megatron.training.recipe import load_recipe
 
     base, dist_ckpt, out = tiny_checkpoint(workspace, "tiny_llama4"), tmp_path / "dist", tmp_path / "run"
     extra = {"train": {"optimizer": "adamw", "max_steps": 4}, "model": {"path": base},
              "output": {"save_format": "torch_dist"}}
-    model = build_hf_model(load_recipe(make_megatron_recipe(workspace, tmp_path / "init", **extra)))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("B_private", "B_shared")):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    save_adapter(model, tmp_path / "adapter")
-    initial = {key: value.detach().clone() for key, value in adapter_state_dict(model).items()}
+    initial = _initial_adapter(workspace, tmp_path, extra)
     assert convert(["hf-to-megatron", str(base), str(dist_ckpt), "--tp", "2", "--pp", "2",
                     "--adapter", str(tmp_path / "adapter")]) == 0
 
@@ -346,25 +378,9 @@ def test_hf_to_megatron_then_the_engine_trains_and_resumes_a_torch_dist_checkpoi
     proc = launch(second, 2, "--resume")
     assert "resharded" in proc.stderr
 
-    recipe = load_recipe(first)
-    ref_losses, ref_adapter, ref_norms = reference_run(recipe, 4, initial_adapter=initial)
-    np.testing.assert_allclose(read_losses(out), ref_losses, rtol=1e-5)
-    np.testing.assert_allclose(read_metric(out, "grad_norm"), ref_norms, rtol=1e-5)
-    saved = load_file(out / "adapter" / "rasa_adapter.safetensors")
-    assert_adapters_close(saved, ref_adapter, "adamw", recipe.train.lr)
-    offline = read_engine_checkpoint(out / "checkpoints")
+    offline, report = _check_resumed_run(out, first, initial, base, tmp_path)
     assert offline.description["checkpoint"].endswith("step0000004")
-    assert sorted(offline.tensors) == sorted(saved) and all(torch.equal(offline.tensors[k], saved[k]) for k in saved)
-    assert offline.rasa_config.to_dict() == recipe.rasa_config().to_dict()
-    # merged without --base: the base is the run's pretrained_checkpoint (read a layer at a time), equal bit
-    # for bit to the merge onto the HF weights it was converted from
-    from rasa_megatron.convert.hf_export import export_engine_checkpoint
-
-    report = export_engine_checkpoint(out / "checkpoints", base, merged=tmp_path / "m_pretrained", progress=False)
     assert f"base weights: the torch_dist checkpoint {dist_ckpt}" in "\n".join(report["plan"])
-    export_engine_checkpoint(out / "checkpoints", base, merged=tmp_path / "m_hf", base=base, progress=False)
-    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("m_pretrained", "m_hf"))
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     # a padded vocabulary, or the checkpoint of another model, is refused before any step, naming it
     assert convert(["hf-to-megatron", str(base), str(tmp_path / "padded"), "--make-vocab-size-divisible-by",
                     "1000"]) == 0
@@ -395,25 +411,13 @@ def test_a_mixtral_expert_adapter_goes_hf_to_megatron_trains_at_ep2_and_resumes_
     reshardable format, with gradient clipping engaged (max_grad_norm 0.05), resumed at TP2 + SP
     instead (attention TP-split, every expert whole on both TP ranks: the expert adapters' entries are
     split over the expert TP group, not the dense one)."""
-    from reference import reference_run
 
-    from rasa_megatron import adapter_state_dict, save_adapter
     from rasa_megatron.cli.convert import main as convert
-    from rasa_megatron.convert.hf_export import export_engine_checkpoint, read_engine_checkpoint
-    from rasa_megatron.training.model import build_hf_model
-    from rasa_megatron.training.recipe import load_recipe
 
     base, dist_ckpt, out = tiny_checkpoint(workspace, "tiny_mixtral"), tmp_path / "dist", tmp_path / "run"
     train = {"optimizer": "adamw", "max_steps": 4, **({"max_grad_norm": 0.05} if distributed_optimizer else {})}
     extra = {"train": train, "model": {"path": base}, "adapter": MOE_ADAPTER, "output": {"save_format": "torch_dist"}}
-    model = build_hf_model(load_recipe(make_megatron_recipe(workspace, tmp_path / "init", **extra)))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("B_private", "B_shared")):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    save_adapter(model, tmp_path / "adapter")
-    initial = {key: value.detach().clone() for key, value in adapter_state_dict(model).items()}
+    initial = _initial_adapter(workspace, tmp_path, extra)
     assert convert(["hf-to-megatron", str(base), str(dist_ckpt), "--ep", "2", "--adapter", str(tmp_path / "adapter")]) == 0
 
     pretrained = {"pretrained_checkpoint": str(dist_ckpt), "use_distributed_optimizer": distributed_optimizer}
@@ -426,16 +430,4 @@ def test_a_mixtral_expert_adapter_goes_hf_to_megatron_trains_at_ep2_and_resumes_
     proc = launch(second, 2, "--resume")
     assert "resharded" in proc.stderr
 
-    recipe = load_recipe(first)
-    ref_losses, ref_adapter, ref_norms = reference_run(recipe, 4, initial_adapter=initial)
-    np.testing.assert_allclose(read_losses(out), ref_losses, rtol=1e-5)
-    np.testing.assert_allclose(read_metric(out, "grad_norm"), ref_norms, rtol=1e-5)
-    saved = load_file(out / "adapter" / "rasa_adapter.safetensors")
-    assert_adapters_close(saved, ref_adapter, "adamw", recipe.train.lr)
-    offline = read_engine_checkpoint(out / "checkpoints")
-    assert sorted(offline.tensors) == sorted(saved) and all(torch.equal(offline.tensors[k], saved[k]) for k in saved)
-    assert offline.rasa_config.to_dict() == recipe.rasa_config().to_dict()
-    export_engine_checkpoint(out / "checkpoints", base, merged=tmp_path / "m_pretrained", progress=False)
-    export_engine_checkpoint(out / "checkpoints", base, merged=tmp_path / "m_hf", base=base, progress=False)
-    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("m_pretrained", "m_hf"))
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    _check_resumed_run(out, first, initial, base, tmp_path)
