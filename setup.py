@@ -1,8 +1,16 @@
-"""Build script for rasa-megatron: a pure-Python package (``rasa_megatron``) with its console scripts.
+"""Build script for rasa-megatron: the ``rasa_megatron`` package, its console scripts and, when asked, the
+``csrc/`` torch extension.
 
-Nothing is compiled: ``csrc/`` holds no kernel yet, and every path runs the PyTorch math of
-``rasa_megatron/functional.py``. (``RASA_SKIP_CUDA_BUILD``, set by tools/env.sh, has nothing to skip today.)
+By default nothing is compiled here (so an isolated build never needs, or pulls, torch): the extension is
+built after install with ``python -m rasa_megatron.ops.build`` into a per-torch cache, and the package
+runs without it (torch fallbacks). flash-attention's conventions:
+
+* ``RASA_FORCE_BUILD=1``: compile the extension into the package (``rasa_megatron/ops/_rasa_ops*.so``
+  plus ``_rasa_ops.json`` naming the torch it was built against); needs the target torch installed and
+  ``pip install --no-build-isolation``;
+* ``RASA_SKIP_CUDA_BUILD=1``: with it, compile the CPU kernels only (no nvcc needed).
 """
+import json
 import os
 
 from setuptools import find_packages, setup
@@ -37,6 +45,42 @@ CONSOLE_SCRIPTS = [
     "rasa-reconstruction = rasa_megatron.cli.reconstruction:main",
 ]
 
+
+
+def extension_build():
+    """``(ext_modules, cmdclass)`` for ``RASA_FORCE_BUILD=1``; torch is imported only here."""
+    if os.environ.get("RASA_FORCE_BUILD", "0") not in ("1", "TRUE", "true"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    skip_cuda = os.environ.get("RASA_SKIP_CUDA_BUILD", "0") in ("1", "TRUE", "true")
+    cuda = not skip_cuda and torch.version.cuda is not None
+    sources = ["csrc/rasa_ops.cpp"] + (["csrc/rasa_ops_cuda.cu"] if cuda else [])
+    flags = {"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false"]}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    make = CUDAExtension if cuda else CppExtension
+    extension = make("rasa_megatron.ops._rasa_ops", sources, include_dirs=[os.path.abspath("csrc")],
+                     extra_compile_args=flags if cuda else flags["cxx"])
+
+    class BuildWithManifest(BuildExtension):
+        def run(self):
+            super().run()
+            manifest = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_kernels": cuda,
+                        "cuda_arches": os.environ["TORCH_CUDA_ARCH_LIST"].split(";") if cuda else []}
+            target = os.path.join(self.build_lib, "rasa_megatron", "ops", "_rasa_ops.json")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "w", encoding="utf-8") as handle:
+                json.dump(manifest, handle)
+            if self.inplace:
+                with open(os.path.join("rasa_megatron", "ops", "_rasa_ops.json"), "w", encoding="utf-8") as handle:
+                    json.dump(manifest, handle)
+
+    return [extension], {"build_ext": BuildWithManifest}
+
+
+EXT_MODULES, CMDCLASS = extension_build()
+
 setup(
     name="rasa-megatron",
     version="0.1.0",
@@ -49,4 +93,6 @@ setup(
     install_requires=CORE_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

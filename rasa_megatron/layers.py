@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .functional import initial_diag, kaiming_init_, rasa_delta, rasa_linear
+from .ops import AdapterCall, OutputSlot, fused_accumulate, fused_enabled, fused_linear, runs_plain_linear
 from .pool import RankPool, init_on_cpu_then_move_
 
 
@@ -108,7 +109,24 @@ class RaSALinear(MergeableUpdate, nn.Module):
         """Dense ``ΔW_i: [out, in]`` in the adapter dtype (see :func:`functional.rasa_delta`)."""
         return rasa_delta(*self._factors())
 
+    @property
+    def active_dropout(self) -> float:
+        """The dropout probability applied now (0 in eval mode or without dropout)."""
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        if fused_enabled() and not torch.is_autocast_enabled(x.device.type):
+            call = [AdapterCall(self._factors(), OutputSlot(0, self.out_features), self.active_dropout)]
+            if runs_plain_linear(self.base_layer) and x.dtype == self.base_layer.weight.dtype:
+                return fused_linear(x, self.base_layer.weight, self.base_layer.bias, call)
+            result = self.base_layer(x)
+            return fused_accumulate(result, x.to(result.dtype), call)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unfused path: ``functional.rasa_linear`` through autograd, in the adapter dtype."""
         result = self.base_layer(x)
         if self.merged:
             return result

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..functional import concat_factors, initial_diag, kaiming_init_, rasa_delta, rasa_linear
 from ..layers import MergeableUpdate
+from ..ops import AdapterCall, OutputSlot, draw_dropout_seed, fused_accumulate, fused_enabled, fused_linear
 from ..parallel_layout import check_divisible
 from .pools import ShardedRankPool
 from .sharding import (COLUMN, ROW, accept_plain_base_keys, mark_partial_grad, mark_tp_sharded,
@@ -125,6 +126,22 @@ class ShardedRaSA(MergeableUpdate, nn.Module):
                 + f" needs its gradient reductions, but config.finalize_model_grads_func is {finalize!r}: set it to "
                 "rasa_megatron.megatron.finalize_model_grads_with_rasa (Megatron-LM's train() installs Megatron's own "
                 "finalize_model_grads; set ours after it) or train with rasa-train's engine: megatron")
+
+    @property
+    def active_dropout(self) -> float:
+        """The dropout probability applied now (0 in eval mode or without dropout)."""
+        return self.dropout.p if self.dropout_active else 0.0
+
+    def draw_dropout_seed(self, device) -> tuple[int, int]:
+        """The Philox ``(seed, offset)`` of this adapter's next dropout mask (fused path). Row layers at
+        TP > 1 draw inside Megatron's ``model-parallel-rng`` tracker (independent masks per input shard,
+        as :meth:`drop_shard`); everything else from the default generator, as HF's separate linears."""
+        if self.parallel != ROW or self.tp_size == 1:
+            return draw_dropout_seed(device)
+        from megatron.core import tensor_parallel
+
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return draw_dropout_seed(device)
 
     def drop_shard(self, x_shard: torch.Tensor) -> torch.Tensor:
         """Dropout on this TP rank's input shard ``[..., in/tp]`` (row layers): with TP > 1 the mask is
@@ -262,6 +279,23 @@ class RaSAColumnParallelLinear(nn.Module):
                            v.reshape(*lead, g, d)], dim=-1)
         return fused.reshape(*lead, -1)
 
+    def output_slots(self) -> dict[str, OutputSlot]:
+        """Where each HF module's output ``[..., part_rows]`` lies in the fused local output ``[..., rows]``."""
+        if self.layout == "qkv":
+            g, d, hpg = self.query_groups_local, self.head_dim, self.heads_per_group
+            return {"q_proj": OutputSlot(0, hpg * d, g), "k_proj": OutputSlot(hpg * d, d, g),
+                    "v_proj": OutputSlot((hpg + 1) * d, d, g)}
+        if self.layout == "glu":
+            half = self.part_rows["gate_proj"]
+            return {"gate_proj": OutputSlot(0, half), "up_proj": OutputSlot(half, half)}
+        return {self.parts[0]: OutputSlot(0, self.part_rows[self.parts[0]])}
+
+    def adapter_calls(self) -> list[AdapterCall]:
+        """The group of the fused path: every adapter in HF module order (the order of the dropout draws)."""
+        slots = self.output_slots()
+        return [AdapterCall(adapter.local_factors(), slots[name], adapter.active_dropout, adapter.draw_dropout_seed)
+                for name, adapter in self.adapters.items()]
+
     def adapter_output(self, total_input: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Fused local adapter output ``[..., rows]`` from the total input ``[..., in]``.
 
@@ -314,9 +348,17 @@ class RaSAColumnParallelLinear(nn.Module):
         else:
             total = maps.copy_to_tensor_model_parallel_region(input_, group=base.tp_group)
         bias = base.bias if not base.skip_bias_add else None
-        output = F.linear(total, base.weight if weight is None else weight, bias)
-        if not any(a.merged for a in self.adapters.values()):
-            output = output + self.adapter_output(total, output).to(output.dtype)
+        weight = base.weight if weight is None else weight
+        merged = any(a.merged for a in self.adapters.values())
+        if not merged and fused_enabled() and not torch.is_autocast_enabled(total.device.type):
+            if weight.requires_grad or (bias is not None and bias.requires_grad) or weight.dtype != total.dtype:
+                output = fused_accumulate(F.linear(total, weight, bias), total, self.adapter_calls())
+            else:
+                output = fused_linear(total, weight, bias, self.adapter_calls())
+        else:
+            output = F.linear(total, weight, bias)
+            if not merged:
+                output = output + self.adapter_output(total, output).to(output.dtype)
         gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             output = maps.gather_from_tensor_model_parallel_region(output, group=base.tp_group)
@@ -349,11 +391,20 @@ class RaSARowParallelLinear(nn.Module):
         if self.training and torch.is_grad_enabled():
             self.adapter.check_gradient_finalisation(base.config)
         x = input_ if base.input_is_parallel else maps.scatter_to_tensor_model_parallel_region(input_, group=base.tp_group)
-        partial = F.linear(x, base.weight)
         adapter = self.adapter
-        if not adapter.merged:  # x_shard A_shardᵀ is a partial sum over TP ranks, and so is this output
+        if adapter.merged:
+            partial = F.linear(x, base.weight)
+        elif fused_enabled() and not torch.is_autocast_enabled(x.device.type):
+            # x_shard A_shardᵀ is a partial sum over TP ranks, and so is the adapter's output
+            call = [AdapterCall(adapter.local_factors(), OutputSlot(0, adapter.out_local), adapter.active_dropout,
+                                adapter.draw_dropout_seed)]
+            if base.weight.requires_grad or base.weight.dtype != x.dtype:
+                partial = fused_accumulate(F.linear(x, base.weight), x, call)
+            else:
+                partial = fused_linear(x, base.weight, None, call)
+        else:
             adapter_input = adapter.drop_shard(x).to(adapter.diag.dtype)
-            partial = partial + rasa_linear(adapter_input, *adapter.local_factors()).to(partial.dtype)
+            partial = F.linear(x, base.weight) + rasa_linear(adapter_input, *adapter.local_factors()).to(x.dtype)
         if getattr(base, "explicit_expert_comm", False):  # MoE expert: the token dispatcher reduces
             output = partial
         elif base.sequence_parallel:

@@ -1,5 +1,7 @@
 """torchrun worker (4 processes, TP2 x PP2): the adapter dropout masks of a Megatron GPTModel with RaSA,
-recorded in one training-mode forward after the engine's seeding (``seed_dropout_streams``).
+recorded in one training-mode forward after the engine's seeding (``seed_dropout_streams``): the fused
+path keeps no mask, so each unit's Philox ``(seed, offset)`` draw is recorded and its mask regenerated
+with the pure-torch oracle (bit-identical to the kernels, tests/unit/ops).
 
 Reports, per kind of comparison, the fraction of elements where two masks disagree (independent masks
 with drop probability p = 0.5 disagree on ~0.5 of their elements; identical masks on 0):
@@ -28,17 +30,20 @@ P = 0.5
 def main():
     from rasa_megatron.megatron import gather_pipeline_pools, megatron_rasa_units
     from rasa_megatron.megatron.engine import seed_dropout_streams
+    from rasa_megatron.ops import philox
 
     parallel_state = init_cpu_megatron(2, 2)
     tp_group, pp_group = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_pipeline_model_parallel_group()
     ref = hf_reference()
     ref.rasa = dataclasses.replace(ref.rasa, dropout=P)
     chunks = megatron_chunks(ref, parallel_state, 2, 2)
-    masks = {}
-    for (index, path), unit in megatron_rasa_units(chunks).items():
-        def record(module, inputs, output, key=(index, path)):
-            masks[key] = (output == 0) & (inputs[0] != 0)
-        unit.dropout.register_forward_hook(record)
+    draws = {}  # the fused path stores no mask: record each unit's Philox (seed, offset), regenerate below
+    units = megatron_rasa_units(chunks)
+    for (index, path), unit in units.items():
+        def record(device, key=(index, path), draw=unit.draw_dropout_seed):
+            draws[key] = draw(device)
+            return draws[key]
+        unit.draw_dropout_seed = record
     for chunk in chunks:
         chunk.train()
     seed_dropout_streams(42)
@@ -46,6 +51,9 @@ def main():
     batches = make_micro_batches(ref.config.vocab_size, count=1)
     seq, batch = batches[0]["input_ids"].shape[1], batches[0]["input_ids"].shape[0]
     forward_only(chunks, batches, pp_group, (seq, batch, ref.config.hidden_size), torch.float32)
+    masks = {key: ~philox.keep_mask(torch.empty(seq * batch, units[key].in_local), seed, offset,
+                                    philox.dropout_threshold(P))
+             for key, (seed, offset) in draws.items()}
 
     def disagree(a, b):
         return (a != b).float().mean().item()

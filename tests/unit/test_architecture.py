@@ -24,7 +24,7 @@ MAX_LINES = 450
 
 #: tier of each part of the package: a module may import its own tier and lower ones
 TIERS = {"core": 0, "hf": 1, "training": 2, "convert": 3, "deepspeed": 4, "megatron": 4, "cli": 5}
-CORE = {"config", "functional", "pool", "layers", "experts", "parallel_layout"}
+CORE = {"config", "functional", "pool", "layers", "experts", "parallel_layout", "ops"}
 HF = {"__init__", "inject", "adapter", "models", "analysis"}
 TRAINING = {"training", "tasks"}
 FRAMEWORKS = ("deepspeed", "megatron", "transformers", "peft", "safetensors", "datasets", "lm_eval")
