@@ -3,11 +3,12 @@
 // tests check the exact masks the GPU draws. rasa_megatron/ops/philox.py is its pure-torch twin
 // (the fallback and the tests' oracle).
 //
-// Element i of a flattened [numel] tensor under (seed, offset):
+// Element i of a flattened [numel] tensor under (seed, offset): one Philox call gives 128 bits, 16 per
+// element, for the 8 elements i = 8 * block .. 8 * block + 7:
 //   key     = (seed mod 2^32, seed >> 32)
-//   counter = ((i >> 2) mod 2^32, (i >> 2) >> 32, offset mod 2^32, offset >> 32)
-//   bits    = lane (i & 3) of Philox4x32-10(counter, key)
-//   kept    = (bits >> 8) >= threshold          (threshold = floor(p * 2^24): P(drop) = threshold / 2^24)
+//   counter = ((i >> 3) mod 2^32, (i >> 3) >> 32, offset mod 2^32, offset >> 32)
+//   bits    = half (i & 1) (low half first) of word ((i & 7) >> 1) of Philox4x32-10(counter, key)
+//   kept    = bits >= threshold                 (threshold = floor(p * 2^16): P(drop) = threshold / 2^16)
 // A kept element is scaled by 1 / (1 - p), as torch.nn.functional.dropout does.
 #pragma once
 #include <cstdint>
@@ -49,19 +50,24 @@ RASA_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, ui
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// The four random words of the counter block that holds element `block * 4 .. block * 4 + 3`.
+constexpr int kElementsPerBlock = 8;
+
+// The four random words of the counter block that holds elements `block * 8 .. block * 8 + 7`.
 RASA_HOST_DEVICE Philox4 dropout_block(uint64_t seed, uint64_t offset, uint64_t block) {
   return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
                        static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-RASA_HOST_DEVICE bool kept(uint32_t bits, uint32_t threshold) { return (bits >> 8) >= threshold; }
+// Whether element `lane` (0..7) of a block survives dropout at `threshold`.
+RASA_HOST_DEVICE bool kept(const Philox4& block, int lane, uint32_t threshold) {
+  return ((block.v[lane >> 1] >> ((lane & 1) * 16)) & 0xFFFFu) >= threshold;
+}
 
 // Whether element `index` survives dropout under (seed, offset, threshold).
 RASA_HOST_DEVICE bool keep_element(uint64_t seed, uint64_t offset, uint64_t index, uint32_t threshold) {
-  const Philox4 block = dropout_block(seed, offset, index >> 2);
-  return kept(block.v[index & 3], threshold);
+  const Philox4 block = dropout_block(seed, offset, index >> 3);
+  return kept(block, static_cast<int>(index & 7), threshold);
 }
 
 }  // namespace rasa

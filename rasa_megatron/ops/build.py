@@ -28,7 +28,7 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("rasa_ops.cpp",)
 CUDA_SOURCES = ("rasa_ops_cuda.cu",)
 HEADERS = ("philox.h",)
-OPS = ("keep_mask", "dropout_cast", "masked_add_")
+OPS = ("keep_mask", "dropout_cast", "masked_add_", "dropout_cast_add_")
 DEFAULT_ARCHES = ("8.0", "9.0")
 
 

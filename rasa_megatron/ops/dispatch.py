@@ -18,7 +18,8 @@ import threading
 
 import torch
 
-from .philox import dropout_cast as torch_dropout_cast, keep_mask as torch_keep_mask, masked_add_ as torch_masked_add_
+from .philox import dropout_cast as torch_dropout_cast, dropout_cast_add_ as torch_dropout_cast_add_
+from .philox import keep_mask as torch_keep_mask, masked_add_ as torch_masked_add_
 
 MODES = ("auto", "off", "force")
 _lock = threading.Lock()
@@ -63,6 +64,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("rasa::masked_add_")
     def _masked_add_fake(out, src, seed, offset, threshold, scale):
         return None
+
+    @torch.library.register_fake("rasa::dropout_cast_add_")
+    def _dropout_cast_add_fake(out, src, x, seed, offset, threshold, scale, dtype):
+        return torch.empty_like(x)
 
     _state["fake_registered"] = True
 
@@ -163,3 +168,12 @@ def draw_dropout_seed(device: torch.device | str) -> tuple[int, int]:
         generator.set_offset(offset + 4)
         return generator.initial_seed() & (2 ** 63 - 1), offset
     return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item()), 0
+
+
+def dropout_cast_add_(out: torch.Tensor, src: torch.Tensor, x: torch.Tensor, seed: int, offset: int, threshold: int,
+                      scale: float) -> torch.Tensor:
+    """The dropout backward in one pass over one mask: ``out += dropout(src)`` in place, returns ``dropout(x)``."""
+    if has_kernel(out.device) and out.is_contiguous():
+        return torch.ops.rasa.dropout_cast_add_(out, src.contiguous(), x.contiguous(), seed, offset, threshold, scale,
+                                                x.dtype)
+    return torch_dropout_cast_add_(out, src, x, seed, offset, threshold, scale, x.dtype)

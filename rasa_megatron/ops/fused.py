@@ -8,7 +8,8 @@ and the base layer's output ``out: [N, C]`` (each adapter ``j`` owns an :class:`
   never stored); ``D`` scales the ``[N, R]`` intermediate in fp32; ``B`` is accumulated into the base
   output in place (``addmm_``, beta = 1; ``baddbmm_`` for Megatron's interleaved q/k/v groups);
 * backward: ``dx = g W`` (when the Function ran the base GEMM) with the adapters' ``dh A`` added in
-  place (``addmm_``, or ``rasa::masked_add_`` through the regenerated mask); ``dA``, ``dB``, ``dD``
+  place (``addmm_``, or ``rasa::dropout_cast_add_``: one pass over the regenerated mask adds the
+  dropped-out ``dh A`` to ``dx`` and returns the dropped-out input for ``dA``); ``dA``, ``dB``, ``dD``
   split into the private and pool parts (the pool's gradient is a slice autograd accumulates across
   layers, no per-layer copy).
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import draw_dropout_seed, dropout_cast, masked_add_
+from .dispatch import draw_dropout_seed, dropout_cast, dropout_cast_add_
 from .philox import dropout_scale, dropout_threshold
 
 FACTORS_PER_ADAPTER = 5  # A_private, B_private, A_shared, B_shared, diag
@@ -193,14 +194,15 @@ class _FusedRaSAGroup(torch.autograd.Function):
         for j in dropped:
             seed, offset, threshold, scale = plan.dropout[j]
             base = FACTORS_PER_ADAPTER * j
-            if factor_needs[base] or factor_needs[base + 2]:
-                dA[j] = torch.mm(dh[j].t(), dropout_cast(x2, seed, offset, threshold, scale, compute))
-            if needs[1]:
-                through = torch.mm(dh[j], As[j])
+            wants_dA = factor_needs[base] or factor_needs[base + 2]
+            if needs[1]:  # one pass over the regenerated mask: dx += dropout(dh A) and the dropped input
                 if dx is None:
-                    dx = dropout_cast(through, seed, offset, threshold, scale, compute)
-                else:
-                    masked_add_(dx, through, seed, offset, threshold, scale)
+                    dx = torch.zeros_like(x2)
+                dropped_x = dropout_cast_add_(dx, torch.mm(dh[j], As[j]), x2, seed, offset, threshold, scale)
+            elif wants_dA:
+                dropped_x = dropout_cast(x2, seed, offset, threshold, scale, compute)
+            if wants_dA:
+                dA[j] = torch.mm(dh[j].t(), dropped_x)
         grads = []
         for j in range(n):
             A_p, B_p, A_s, B_s, diag = factors[FACTORS_PER_ADAPTER * j: FACTORS_PER_ADAPTER * (j + 1)]

@@ -16,7 +16,8 @@ def test_step_time_bench_reports_all_variants(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert set(result["median_ms"]) == {"frozen base", "LoRA r=8 (ours, k=0)", "PEFT LoRA r=8", "RaSA r=8 k=1",
-                                        "RaSA r=8 k=1, split GEMMs (no factor copy)"}
+                                        "RaSA r=8 k=1, reference path"}
     assert all(t > 0 for t in result["median_ms"].values())
     assert result["ratio_to_frozen_base"]["frozen base"] == 1.0
     assert "| RaSA r=8 k=1 |" in proc.stdout
+    assert result["fused_over_reference"] > 0 and result["kernels"]["cpu"] in (True, False)

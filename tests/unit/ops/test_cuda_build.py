@@ -23,7 +23,7 @@ import torch
 torch.ops.load_library(sys.argv[1])
 spec = importlib.util.spec_from_file_location("philox", sys.argv[2])
 philox = importlib.util.module_from_spec(spec); spec.loader.exec_module(philox)
-ops = ("keep_mask", "dropout_cast", "masked_add_")
+ops = ("keep_mask", "dropout_cast", "masked_add_", "dropout_cast_add_")
 keys = {op: [k for k in ("CPU", "CUDA", "Meta") if torch._C._dispatch_has_kernel_for_dispatch_key("rasa::" + op, k)]
         for op in ops}
 x = torch.randn(513, 7)
@@ -37,6 +37,9 @@ for seed, offset in ((0, 0), ((1 << 40) + 3, (1 << 33) + 5)):
     out, ref = torch.zeros(513, 7), torch.zeros(513, 7)
     torch.ops.rasa.masked_add_(out, x, seed, offset, t, 1 / 0.7); philox.masked_add_(ref, x, seed, offset, t, 1 / 0.7)
     equal.append(torch.equal(out, ref))
+    d1 = torch.ops.rasa.dropout_cast_add_(out, x, x, seed, offset, t, 1 / 0.7, torch.float32)
+    d2 = philox.dropout_cast_add_(ref, x, x, seed, offset, t, 1 / 0.7, torch.float32)
+    equal.append(torch.equal(d1, d2) and torch.equal(out, ref))
 print("RESULT " + json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "keys": keys, "equal": equal,
                               "cuda_available": torch.cuda.is_available()}))
 '''

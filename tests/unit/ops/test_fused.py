@@ -5,12 +5,10 @@ in-place addmm vs out-of-place add), a few ulps of 1e-16 on values of order 10. 
 flash-attention's rule: the fused error against fp64 at most 2x the bf16 reference's own error.
 """
 import itertools
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from rasa_megatron.functional import rasa_linear
 from rasa_megatron.ops import AdapterCall, OutputSlot, fused_accumulate, fused_linear, philox

@@ -38,11 +38,11 @@ def test_every_op_has_a_cpu_kernel(extension):
 @pytest.mark.parametrize("seed,offset", SEEDS)
 def test_keep_mask_kernel_equals_the_oracle(extension, shape, seed, offset):
     x = torch.empty(shape)
-    for threshold in (0, philox.dropout_threshold(0.1), philox.dropout_threshold(0.5), 1 << 24):
+    for threshold in (0, philox.dropout_threshold(0.1), philox.dropout_threshold(0.5), 1 << 16):
         kernel = torch.ops.rasa.keep_mask(x, seed, offset, threshold)
         assert kernel.dtype == torch.bool and kernel.shape == x.shape
         assert torch.equal(kernel, philox.keep_mask(x, seed, offset, threshold))
-    assert torch.ops.rasa.keep_mask(x, seed, offset, 0).all() and not torch.ops.rasa.keep_mask(x, seed, offset, 1 << 24).any()
+    assert torch.ops.rasa.keep_mask(x, seed, offset, 0).all() and not torch.ops.rasa.keep_mask(x, seed, offset, 1 << 16).any()
 
 
 @pytest.mark.parametrize("in_dtype", DTYPES)
@@ -63,6 +63,22 @@ def test_dropout_cast_and_masked_add_kernels_are_bit_identical_to_the_fallback(e
             assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_cast_add_kernel_is_bit_identical_to_the_fallback_and_to_its_two_parts(extension, dtype):
+    generator = torch.Generator().manual_seed(1)
+    x, src, out = ((torch.randn(41, 9, generator=generator, dtype=torch.float64) * 2).to(dtype) for _ in range(3))
+    for seed, offset in SEEDS:
+        args = (seed, offset, philox.dropout_threshold(0.2), philox.dropout_scale(0.2))
+        got_out, want_out = out.clone(), out.clone()
+        dropped = torch.ops.rasa.dropout_cast_add_(got_out, src, x, *args, dtype)
+        want_dropped = philox.dropout_cast_add_(want_out, src, x, *args, dtype)
+        assert torch.equal(dropped, want_dropped) and torch.equal(got_out, want_out)
+        parts_out = out.clone()
+        torch.ops.rasa.masked_add_(parts_out, src, *args)
+        assert torch.equal(got_out, parts_out)
+        assert torch.equal(dropped, torch.ops.rasa.dropout_cast(x, *args, dtype))
+
+
 def test_dropout_cast_matches_its_definition(extension):
     x = torch.randn(1000, 17, dtype=torch.float64)
     p, seed, offset = 0.3, 99, 7
@@ -78,18 +94,22 @@ def test_opcheck_every_op(extension):
     torch.library.opcheck(torch.ops.rasa.keep_mask.default, (x, *args))
     torch.library.opcheck(torch.ops.rasa.dropout_cast.default, (x, *args, 4 / 3, torch.bfloat16))
     torch.library.opcheck(torch.ops.rasa.masked_add_.default, (torch.randn(6, 10), x, *args, 4 / 3))
+    torch.library.opcheck(torch.ops.rasa.dropout_cast_add_.default,
+                          (torch.randn(6, 10), torch.randn(6, 10), x, *args, 4 / 3, torch.float32))
 
 
 def test_kernels_refuse_bad_input_naming_the_value(extension):
     x = torch.randn(4, 6)
-    with pytest.raises(RuntimeError, match=r"threshold must be in \[0, 2\^24\], got 16777217"):
-        torch.ops.rasa.keep_mask(x, 1, 0, (1 << 24) + 1)
+    with pytest.raises(RuntimeError, match=r"threshold must be in \[0, 2\^16\], got 65537"):
+        torch.ops.rasa.keep_mask(x, 1, 0, (1 << 16) + 1)
     with pytest.raises(RuntimeError, match="seed=-1"):
         torch.ops.rasa.dropout_cast(x, -1, 0, 5, 1.0, torch.float32)
     with pytest.raises(RuntimeError, match="contiguous"):
         torch.ops.rasa.dropout_cast(x.t(), 1, 0, 5, 1.0, torch.float32)
     with pytest.raises(RuntimeError, match="differ in shape"):
         torch.ops.rasa.masked_add_(torch.zeros(4, 6), torch.zeros(6, 4), 1, 0, 5, 1.0)
+    with pytest.raises(RuntimeError, match="must have dtype"):
+        torch.ops.rasa.dropout_cast_add_(torch.zeros(4, 6), torch.zeros(4, 6), x.double(), 1, 0, 5, 1.0, torch.float32)
     with pytest.raises(ValueError, match=r"seed=-1"):
         philox.keep_mask(x, -1, 0, 5)
     with pytest.raises(ValueError, match="dropout probability must be in"):
