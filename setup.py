@@ -58,7 +58,7 @@ def extension_build():
     cuda = not skip_cuda and torch.version.cuda is not None
     sources = ["csrc/rasa_ops.cpp"] + (["csrc/rasa_ops_cuda.cu"] if cuda else [])
     flags = {"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false"]}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     make = CUDAExtension if cuda else CppExtension
     extension = make("rasa_megatron.ops._rasa_ops", sources, include_dirs=[os.path.abspath("csrc")],
                      extra_compile_args=flags if cuda else flags["cxx"])

@@ -6,7 +6,9 @@
 // Element i of a flattened [numel] tensor under (seed, offset): one Philox call gives 128 bits, 16 per
 // element, for the 8 elements i = 8 * block .. 8 * block + 7:
 //   key     = (seed mod 2^32, seed >> 32)
-//   counter = ((i >> 3) mod 2^32, (i >> 3) >> 32, offset mod 2^32, offset >> 32)
+//   counter = ((i >> 3) mod 2^32, (i >> 3) >> 32, offset mod 2^32, (offset >> 32) | 2^31)
+//   (the top bit of the last counter word is always set: PyTorch's and cuRAND's Philox draws put the
+//   thread index there, which is < 2^31, so our counters never coincide with theirs under one seed)
 //   bits    = half (i & 1) (low half first) of word ((i & 7) >> 1) of Philox4x32-10(counter, key)
 //   kept    = bits >= threshold                 (threshold = floor(p * 2^16): P(drop) = threshold / 2^16)
 // A kept element is scaled by 1 / (1 - p), as torch.nn.functional.dropout does.
@@ -51,11 +53,12 @@ RASA_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, ui
 }
 
 constexpr int kElementsPerBlock = 8;
+constexpr uint32_t kCounterTag = 0x80000000u;
 
 // The four random words of the counter block that holds elements `block * 8 .. block * 8 + 7`.
 RASA_HOST_DEVICE Philox4 dropout_block(uint64_t seed, uint64_t offset, uint64_t block) {
   return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
-                       static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+                       static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32) | kCounterTag,
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 

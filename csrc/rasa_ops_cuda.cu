@@ -104,6 +104,8 @@ at::Tensor dropout_cast_add_cuda(at::Tensor& out, const at::Tensor& src, const a
   check_args(out, seed, offset, threshold, "dropout_cast_add_");
   check_args(src, seed, offset, threshold, "dropout_cast_add_");
   check_args(x, seed, offset, threshold, "dropout_cast_add_");
+  TORCH_CHECK(src.device() == out.device() && x.device() == out.device(),
+              "rasa::dropout_cast_add_: out, src and x must be on one device");
   TORCH_CHECK(out.sizes() == src.sizes() && out.sizes() == x.sizes(), "rasa::dropout_cast_add_: out ", out.sizes(),
               ", src ", src.sizes(), " and x ", x.sizes(), " differ in shape");
   TORCH_CHECK(out.scalar_type() == src.scalar_type() && x.scalar_type() == dtype,
@@ -161,6 +163,7 @@ void masked_add_cuda(at::Tensor& out, const at::Tensor& src, int64_t seed, int64
   check_args(src, seed, offset, threshold, "masked_add_");
   TORCH_CHECK(out.sizes() == src.sizes(), "rasa::masked_add_: out ", out.sizes(), " and src ", src.sizes(),
               " differ in shape");
+  TORCH_CHECK(src.device() == out.device(), "rasa::masked_add_: out and src must be on one device");
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t numel = out.numel();
   if (numel == 0) return;

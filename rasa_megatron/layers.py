@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .functional import initial_diag, kaiming_init_, rasa_delta, rasa_linear
-from .ops import AdapterCall, OutputSlot, fused_accumulate, fused_enabled, fused_linear, runs_plain_linear
+from .ops import AdapterCall, OutputSlot, fused_accumulate, fused_enabled_for, fused_linear, runs_plain_linear
 from .pool import RankPool, init_on_cpu_then_move_
 
 
@@ -117,7 +117,7 @@ class RaSALinear(MergeableUpdate, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        if fused_enabled() and not torch.is_autocast_enabled(x.device.type):
+        if fused_enabled_for(x, self.active_dropout):
             call = [AdapterCall(self._factors(), OutputSlot(0, self.out_features), self.active_dropout)]
             if runs_plain_linear(self.base_layer) and x.dtype == self.base_layer.weight.dtype:
                 return fused_linear(x, self.base_layer.weight, self.base_layer.bias, call)

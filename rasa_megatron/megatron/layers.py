@@ -38,7 +38,7 @@ from torch import nn
 
 from ..functional import concat_factors, initial_diag, kaiming_init_, rasa_delta, rasa_linear
 from ..layers import MergeableUpdate
-from ..ops import AdapterCall, OutputSlot, draw_dropout_seed, fused_accumulate, fused_enabled, fused_linear
+from ..ops import AdapterCall, OutputSlot, draw_dropout_seed, fused_accumulate, fused_enabled_for, fused_linear
 from ..parallel_layout import check_divisible
 from .pools import ShardedRankPool
 from .sharding import (COLUMN, ROW, accept_plain_base_keys, mark_partial_grad, mark_tp_sharded,
@@ -350,7 +350,7 @@ class RaSAColumnParallelLinear(nn.Module):
         bias = base.bias if not base.skip_bias_add else None
         weight = base.weight if weight is None else weight
         merged = any(a.merged for a in self.adapters.values())
-        if not merged and fused_enabled() and not torch.is_autocast_enabled(total.device.type):
+        if not merged and fused_enabled_for(total, max(a.active_dropout for a in self.adapters.values())):
             if weight.requires_grad or (bias is not None and bias.requires_grad) or weight.dtype != total.dtype:
                 output = fused_accumulate(F.linear(total, weight, bias), total, self.adapter_calls())
             else:
@@ -394,7 +394,7 @@ class RaSARowParallelLinear(nn.Module):
         adapter = self.adapter
         if adapter.merged:
             partial = F.linear(x, base.weight)
-        elif fused_enabled() and not torch.is_autocast_enabled(x.device.type):
+        elif fused_enabled_for(x, adapter.active_dropout):
             # x_shard A_shardᵀ is a partial sum over TP ranks, and so is the adapter's output
             call = [AdapterCall(adapter.local_factors(), OutputSlot(0, adapter.out_local), adapter.active_dropout,
                                 adapter.draw_dropout_seed)]

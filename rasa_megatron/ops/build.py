@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 
 NAME = "rasa_ops"
@@ -29,11 +30,19 @@ CPU_SOURCES = ("rasa_ops.cpp",)
 CUDA_SOURCES = ("rasa_ops_cuda.cu",)
 HEADERS = ("philox.h",)
 OPS = ("keep_mask", "dropout_cast", "masked_add_", "dropout_cast_add_")
-DEFAULT_ARCHES = ("8.0", "9.0")
+DEFAULT_ARCHES = ("8.0", "9.0+PTX")  # SASS for A100 and H100/H200, PTX that newer GPUs JIT-compile
+
+
+def sources_present() -> bool:
+    """Whether ``csrc/`` is here (a source checkout or an editable install; a wheel ships none)."""
+    return all((CSRC / name).exists() for name in (*CPU_SOURCES, *CUDA_SOURCES, *HEADERS))
 
 
 def source_hash() -> str:
     """sha256 (first 16 hex digits) over every source and header, so a changed source is rebuilt."""
+    if not sources_present():
+        raise FileNotFoundError(f"the extension sources are not in {CSRC} (a wheel install ships none: build "
+                                "from a source checkout, or install with RASA_FORCE_BUILD=1)")
     digest = hashlib.sha256()
     for name in (*CPU_SOURCES, *CUDA_SOURCES, *HEADERS):
         digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
@@ -57,10 +66,9 @@ def library_path(root=None) -> Path:
 
 
 def read_manifest(root=None) -> dict | None:
-    """The ``build.json`` of this torch's build, or None when there is none."""
-    path = extension_dir(root) / "build.json"
+    """The ``build.json`` of this torch's build, or None when there is none (or no sources to key it)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads((extension_dir(root) / "build.json").read_text())
     except (OSError, ValueError):
         return None
 
@@ -113,9 +121,9 @@ def build(cuda: bool | None = None, arches=DEFAULT_ARCHES, root=None, verbose: b
     if cuda and cuda_toolkit() is None:
         raise RuntimeError("no CUDA toolkit found: set CUDA_HOME to the folder holding bin/nvcc and lib64/libcudart.so "
                            f"(CUDA_HOME={os.environ.get('CUDA_HOME')!r}; or use --cpu-only)")
-    bad = [a for a in arches if not a.replace(".", "").isdigit() or "." not in a]
+    bad = [a for a in arches if not a.removesuffix("+PTX").replace(".", "").isdigit() or "." not in a]
     if bad:
-        raise ValueError(f"CUDA arches must look like '8.0' or '9.0', got {bad}")
+        raise ValueError(f"CUDA arches must look like '8.0', '9.0' or '9.0+PTX', got {bad}")
     folder = extension_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
     sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
@@ -136,7 +144,7 @@ def build(cuda: bool | None = None, arches=DEFAULT_ARCHES, root=None, verbose: b
     manifest = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": sys.version.split()[0],
                 "sources_sha256": source_hash(), "cuda_kernels": bool(cuda), "cuda_arches": list(arches) if cuda else [],
                 "library": f"{NAME}.so", "kernels": kernels}
-    tmp = folder / "build.json.tmp"
+    tmp = folder / f"build.json.{os.getpid()}.{uuid.uuid4().hex}.tmp"  # ranks may build at once
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, folder / "build.json")
     return folder
@@ -154,7 +162,7 @@ def main(argv=None) -> int:
     try:
         folder = build(cuda=False if args.cpu_only else (True if args.cuda else None), arches=tuple(args.arch),
                        root=args.out, verbose=args.verbose)
-    except (RuntimeError, ValueError, OSError) as error:
+    except (RuntimeError, ValueError, OSError, ImportError) as error:
         print(f"rasa extension build failed: {error}", file=sys.stderr)
         return 1
     print(json.dumps({"folder": str(folder), **json.loads((folder / "build.json").read_text())}, indent=2))

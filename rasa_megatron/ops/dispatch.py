@@ -23,7 +23,7 @@ from .philox import keep_mask as torch_keep_mask, masked_add_ as torch_masked_ad
 
 MODES = ("auto", "off", "force")
 _lock = threading.Lock()
-_state: dict = {"loaded": None, "fake_registered": False, "error": None}
+_state: dict = {"loaded": None, "fake_registered": False, "missing": False}
 
 
 def kernel_mode() -> str:
@@ -87,27 +87,42 @@ def _packaged_library():
     return (Path(found[0]), manifest) if found else None
 
 
-def load_extension(build_if_missing: bool = False) -> str | None:
-    """Load the cached extension for this torch (once per process); return its path, or None if absent."""
-    from .build import build, library_path, read_manifest
+def _cached_library(build_if_missing: bool):
+    """The cache's library for this torch and these sources (built first if asked), or None."""
+    from .build import build, library_path, read_manifest, sources_present
 
+    if not sources_present():
+        return None
+
+    def usable() -> bool:
+        manifest = read_manifest()
+        return manifest is not None and manifest.get("torch") == torch.__version__ and library_path().exists()
+
+    if not usable() and build_if_missing:
+        build()
+    return library_path() if usable() else None
+
+
+def load_extension(build_if_missing: bool = False) -> str | None:
+    """Load the extension for this torch (once per process): one compiled into the package
+    (``RASA_FORCE_BUILD=1``), else the cache's; return its path, or None if there is none (remembered,
+    so the ops do not search again on every call)."""
     with _lock:
         if _state["loaded"] is not None:
             return _state["loaded"]
         if _registered("dropout_cast", "CPU") or _registered("dropout_cast", "CUDA"):
             _state["loaded"] = "(loaded by the caller)"  # e.g. cpp_extension.load in this process
         else:
-            path, manifest = library_path(), read_manifest()
             packaged = _packaged_library()
-            if packaged is not None and (manifest is None or manifest.get("torch") != torch.__version__):
-                path, manifest = packaged
-            if (manifest is None or manifest.get("torch") != torch.__version__ or not path.exists()) and build_if_missing:
-                build()
-                manifest = read_manifest()
-            if manifest is None or manifest.get("torch") != torch.__version__ or not path.exists():
+            path = packaged[0] if packaged is not None and packaged[1].get("torch") == torch.__version__ else None
+            if path is None:
+                if _state["missing"] and not build_if_missing:
+                    return None
+                path = _cached_library(build_if_missing)
+            if path is None:
+                _state["missing"] = True
                 return None
-            if not _registered("dropout_cast", "CPU"):
-                torch.ops.load_library(str(path))
+            torch.ops.load_library(str(path))
             _state["loaded"] = str(path)
         _register_fakes()
         return _state["loaded"]
@@ -126,7 +141,8 @@ def has_kernel(device: torch.device | str) -> bool:
     if mode == "force" and not ok:
         raise RuntimeError(f"RASA_KERNELS=force but the rasa extension has no kernel for device {device} "
                            f"(library: {loaded or 'not built'}); build it with `python -m rasa_megatron.ops.build` "
-                           "or set RASA_KERNELS=auto for the torch fallback")
+                           "(`--cuda` for CUDA kernels; a library already loaded in this process stays loaded: "
+                           "restart after rebuilding) or set RASA_KERNELS=auto for the torch fallback")
     return ok
 
 
@@ -153,11 +169,22 @@ def masked_add_(out: torch.Tensor, src: torch.Tensor, seed: int, offset: int, th
         torch_masked_add_(out, src, seed, offset, threshold, scale)
 
 
+def fused_enabled_for(x: torch.Tensor, dropout: float = 0.0) -> bool:
+    """Whether a layer should take the fused path for input ``x``: ``RASA_FUSED`` on, no autocast (the
+    fused Function picks its dtypes itself), and no active dropout under CUDA-graph capture (the Philox
+    seed / offset are drawn in Python and would be frozen into the graph: the reference path's torch
+    dropout is graph-safe)."""
+    if not fused_enabled() or torch.is_autocast_enabled(x.device.type):
+        return False
+    return not (dropout > 0 and x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def draw_dropout_seed(device: torch.device | str) -> tuple[int, int]:
     """``(seed, offset)`` for one dropout mask, drawn from the device's default generator.
 
-    CUDA: the generator's Philox seed and offset, the offset advanced by 4 (so the next draw, ours or
-    torch's, gets fresh counters; under Megatron's RNG tracker ``fork()`` this is the forked state).
+    CUDA: the generator's Philox seed and offset, the offset advanced by 4 (the next draw gets another
+    offset; our counters carry a tag bit torch's never do, so they never reuse torch's random numbers;
+    under Megatron's RNG tracker ``fork()`` this is the forked state).
     CPU: a 62-bit seed drawn from the default generator (offset 0), so ``torch.manual_seed`` and the
     trackers' state swaps reproduce it."""
     device = torch.device(device)

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .dispatch import draw_dropout_seed, dropout_cast, dropout_cast_add_
 from .philox import dropout_scale, dropout_threshold
@@ -150,6 +151,7 @@ class _FusedRaSAGroup(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward is not itself differentiable (no double backward)
     def backward(ctx, g):
         plan = ctx.plan
         n = len(plan.slots)

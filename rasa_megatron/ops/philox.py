@@ -18,6 +18,7 @@ from torch import Tensor
 MASK32 = 0xFFFFFFFF
 THRESHOLD_BITS = 16
 ELEMENTS_PER_BLOCK = 8
+COUNTER_TAG = 1 << 31  # set in the last counter word (csrc/philox.h)
 _MUL = (0xD2511F53, 0xCD9E8D57)
 _WEYL = (0x9E3779B9, 0xBB67AE85)
 
@@ -57,7 +58,7 @@ def random_bits(numel: int, seed: int, offset: int, device=None) -> Tensor:
     blocks = torch.arange((numel + ELEMENTS_PER_BLOCK - 1) // ELEMENTS_PER_BLOCK, dtype=torch.int64, device=device)
     c0, c1 = blocks & MASK32, blocks >> 32
     c2 = torch.full_like(blocks, offset & MASK32)
-    c3 = torch.full_like(blocks, offset >> 32)
+    c3 = torch.full_like(blocks, (offset >> 32) | COUNTER_TAG)  # disjoint from torch's / cuRAND's counters
     words = torch.stack(philox4x32_10(c0, c1, c2, c3, seed & MASK32, seed >> 32), dim=1)  # [blocks, 4]
     return torch.stack([words & 0xFFFF, words >> 16], dim=2).reshape(-1)[:numel]
 

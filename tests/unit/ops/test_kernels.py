@@ -175,6 +175,16 @@ def test_kernel_and_fallback_give_the_same_training_step(extension, monkeypatch)
     assert (results["auto"][0] == layer.base_layer(torch.zeros(1, 16))).float().mean() < 0.5  # not all dropped
 
 
+def test_no_sources_means_no_cached_library_and_no_error(monkeypatch, tmp_path):
+    """A wheel install ships no csrc/: the cache lookup finds nothing (and the ops fall back) instead of
+    failing on the missing sources; a forced build says what is missing."""
+    monkeypatch.setattr(build, "CSRC", tmp_path / "no-csrc")
+    assert not build.sources_present() and build.read_manifest() is None
+    assert dispatch._cached_library(build_if_missing=False) is None
+    with pytest.raises(FileNotFoundError, match="extension sources are not in"):
+        build.build(cuda=False, root=tmp_path)
+
+
 def test_switches_refuse_bad_values(monkeypatch):
     monkeypatch.setenv("RASA_KERNELS", "sometimes")
     with pytest.raises(ValueError, match=r"RASA_KERNELS must be one of \['auto', 'off', 'force'\], got 'sometimes'"):
