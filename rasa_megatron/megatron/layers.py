@@ -38,7 +38,7 @@ from torch import nn
 
 from ..functional import concat_factors, initial_diag, kaiming_init_, rasa_delta, rasa_linear
 from ..layers import MergeableUpdate
-from ..ops import AdapterCall, OutputSlot, draw_dropout_seed, fused_accumulate, fused_enabled_for, fused_linear
+from ..ops import AdapterCall, OutputSlot, draw_dropout_seed, fused_base_linear, fused_enabled_for
 from ..parallel_layout import check_divisible
 from .pools import ShardedRankPool
 from .sharding import (COLUMN, ROW, accept_plain_base_keys, mark_partial_grad, mark_tp_sharded,
@@ -351,10 +351,7 @@ class RaSAColumnParallelLinear(nn.Module):
         weight = base.weight if weight is None else weight
         merged = any(a.merged for a in self.adapters.values())
         if not merged and fused_enabled_for(total, max(a.active_dropout for a in self.adapters.values())):
-            if weight.requires_grad or (bias is not None and bias.requires_grad) or weight.dtype != total.dtype:
-                output = fused_accumulate(F.linear(total, weight, bias), total, self.adapter_calls())
-            else:
-                output = fused_linear(total, weight, bias, self.adapter_calls())
+            output = fused_base_linear(total, weight, bias, self.adapter_calls())
         else:
             output = F.linear(total, weight, bias)
             if not merged:
@@ -398,10 +395,7 @@ class RaSARowParallelLinear(nn.Module):
             # x_shard A_shardᵀ is a partial sum over TP ranks, and so is the adapter's output
             call = [AdapterCall(adapter.local_factors(), OutputSlot(0, adapter.out_local), adapter.active_dropout,
                                 adapter.draw_dropout_seed)]
-            if base.weight.requires_grad or base.weight.dtype != x.dtype:
-                partial = fused_accumulate(F.linear(x, base.weight), x, call)
-            else:
-                partial = fused_linear(x, base.weight, None, call)
+            partial = fused_base_linear(x, base.weight, None, call)
         else:
             adapter_input = adapter.drop_shard(x).to(adapter.diag.dtype)
             partial = F.linear(x, base.weight) + rasa_linear(adapter_input, *adapter.local_factors()).to(x.dtype)

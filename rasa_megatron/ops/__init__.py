@@ -6,8 +6,8 @@
 * :mod:`.build` — ``python -m rasa_megatron.ops.build`` compiles ``csrc/``.
 """
 from .dispatch import draw_dropout_seed, fused_enabled, fused_enabled_for, has_kernel, kernel_mode, load_extension
-from .fused import AdapterCall, OutputSlot, fused_accumulate, fused_linear, runs_plain_linear
+from .fused import AdapterCall, OutputSlot, fused_accumulate, fused_base_linear, fused_linear, runs_plain_linear
 
-__all__ = ["AdapterCall", "OutputSlot", "draw_dropout_seed", "fused_accumulate", "fused_enabled", "fused_enabled_for",
+__all__ = ["AdapterCall", "OutputSlot", "draw_dropout_seed", "fused_accumulate", "fused_base_linear", "fused_enabled", "fused_enabled_for",
            "fused_linear",
            "has_kernel", "kernel_mode", "load_extension", "runs_plain_linear"]

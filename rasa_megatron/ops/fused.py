@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .dispatch import draw_dropout_seed, dropout_cast, dropout_cast_add_
-from .philox import dropout_scale, dropout_threshold
+from .philox import accumulate_dtype, dropout_scale, dropout_threshold
 
 FACTORS_PER_ADAPTER = 5  # A_private, B_private, A_shared, B_shared, diag
 
@@ -65,10 +65,6 @@ class _Plan:
     dropout: tuple  # per adapter: None or (seed, offset, threshold, scale)
 
 
-def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 def _cast_factors(factors: Sequence, n: int, dtype: torch.dtype) -> tuple[list, list, list]:
     """Per adapter ``[A_private; A_shared]: [R, a]`` and ``[B_private | B_shared]: [G*w, R]`` in ``dtype``, and diag."""
     As, Bs, Ds = [], [], []
@@ -86,7 +82,7 @@ def _scaled(h: Tensor, diag: Tensor) -> Tensor:
     """``h · diag(D)`` computed in fp32 (fp64 for fp64), rounded once to ``h``'s dtype."""
     if h.dtype == diag.dtype and h.dtype in (torch.float32, torch.float64):
         return h * diag
-    acc = _acc_dtype(h.dtype, diag.dtype)
+    acc = accumulate_dtype(h.dtype, diag.dtype)
     return (h.to(acc) * diag.to(acc)).to(h.dtype)
 
 
@@ -180,7 +176,7 @@ class _FusedRaSAGroup(torch.autograd.Function):
             base = FACTORS_PER_ADAPTER * j
             if factor_needs[base + 1] or factor_needs[base + 3]:
                 dB[j] = torch.mm(gj.t(), _scaled(h[j], Ds[j]))
-            acc = _acc_dtype(compute, Ds[j].dtype)
+            acc = accumulate_dtype(compute, Ds[j].dtype)
             if factor_needs[base + 4]:
                 dD[j] = (ghd.to(acc) * h[j].to(acc)).sum(0)
             dh[j] = (ghd.to(acc) * Ds[j].to(acc)).to(compute)
@@ -252,6 +248,15 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Seque
                          "compute the base output yourself and use fused_accumulate")
     plan, factors = _plan(adapters, x.device, draw_seed)
     return _FusedRaSAGroup.apply(None, x, weight, bias, plan, *factors)
+
+
+def fused_base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[AdapterCall]) -> Tensor:
+    """``F.linear(x, weight, bias)`` plus the adapters for a caller that runs the base GEMM itself (the
+    Megatron wrappers): :func:`fused_linear` for a frozen weight of the input's dtype, else the plain base
+    GEMM and :func:`fused_accumulate` (a trainable weight or bias keeps its gradient)."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad) or weight.dtype != x.dtype:
+        return fused_accumulate(F.linear(x, weight, bias), x, adapters)
+    return fused_linear(x, weight, bias, adapters)
 
 
 def fused_accumulate(base_out: Tensor, x: Tensor, adapters: Sequence[AdapterCall],

@@ -79,13 +79,14 @@ def keep_mask(x: Tensor, seed: int, offset: int, threshold: int) -> Tensor:
     return (random_bits(x.numel(), seed, offset, x.device) >= threshold).reshape(x.shape)
 
 
-def _accumulate_dtype(*dtypes: torch.dtype) -> torch.dtype:
+def accumulate_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 if any of ``dtypes`` is, else float32: the kernels' (and the fused path's) arithmetic dtype."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def dropout_cast(x: Tensor, seed: int, offset: int, threshold: int, scale: float, dtype: torch.dtype) -> Tensor:
     """``kept ? x * scale : 0`` computed in float (double for double tensors), rounded once to ``dtype``."""
-    acc = _accumulate_dtype(x.dtype, dtype)
+    acc = accumulate_dtype(x.dtype, dtype)
     kept = keep_mask(x, seed, offset, threshold)
     return torch.where(kept, (x.to(acc) * scale).to(dtype), torch.zeros((), dtype=dtype, device=x.device))
 
@@ -94,7 +95,7 @@ def masked_add_(out: Tensor, src: Tensor, seed: int, offset: int, threshold: int
     """``out += kept ? src * scale : 0`` in place, elements dropped left untouched."""
     if out.shape != src.shape:
         raise ValueError(f"out {list(out.shape)} and src {list(src.shape)} differ in shape")
-    acc = _accumulate_dtype(out.dtype, src.dtype)
+    acc = accumulate_dtype(out.dtype, src.dtype)
     kept = keep_mask(out, seed, offset, threshold)
     out.copy_(torch.where(kept, (out.to(acc) + src.to(acc) * scale).to(out.dtype), out))
 
@@ -107,7 +108,7 @@ def dropout_cast_add_(out: Tensor, src: Tensor, x: Tensor, seed: int, offset: in
         raise ValueError(f"out {list(out.shape)}, src {list(src.shape)} and x {list(x.shape)} differ in shape")
     if not out.dtype == src.dtype == x.dtype == dtype:
         raise ValueError(f"out, src and x must all have dtype {dtype}, got {out.dtype}, {src.dtype}, {x.dtype}")
-    acc = _accumulate_dtype(dtype)
+    acc = accumulate_dtype(dtype)
     kept = keep_mask(x, seed, offset, threshold)
     out.copy_(torch.where(kept, (out.to(acc) + src.to(acc) * scale).to(dtype), out))
     return torch.where(kept, (x.to(acc) * scale).to(dtype), torch.zeros((), dtype=dtype, device=x.device))
