@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rasa_megatron import LLAMA_LINEARS, RaSAConfig, apply_rasa, export_peft_lora, save_adapter
+from rasa_megatron import RaSAConfig, export_peft_lora, save_adapter
 from rasa_megatron.models import load_smollm2
 from rasa_megatron.tasks.arithmetic import build_dataset, collate_sft, evaluate_exact_match, tokenize_sft
 from rasa_megatron.training.loop import sft_train_step
+from rasa_megatron.training.methods import METHODS, prepare_method
 from rasa_megatron.training.metrics import MetricsLogger, count_parameters
-
-METHODS = ("rasa", "lora", "full")
-
+from rasa_megatron.training.optim import make_torch_optimizer
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,25 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepare_model(model, args):
     """Put the chosen method on the loaded base model; returns the model to train."""
-    if args.method == "rasa":
-        return apply_rasa(model, args.rasa_config)
-    if args.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        return get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                                                target_modules=list(LLAMA_LINEARS), task_type="CAUSAL_LM"))
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model
+    return prepare_method(model, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, k=args.k)
 
 
 def make_optimizer(params, args) -> torch.optim.Optimizer:
     """LionW (decoupled weight decay, lion-pytorch) as in the paper, or AdamW."""
-    if args.optimizer == "lion":
-        from lion_pytorch import Lion
-
-        return Lion(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    return make_torch_optimizer(args.optimizer, params, args.lr, args.betas, args.weight_decay)
 
 
 def save_trained(model, args, run_dir: Path) -> dict:
