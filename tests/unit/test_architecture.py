@@ -23,13 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 MAX_LINES = 450
 
 #: tier of each part of the package: a module may import its own tier and lower ones
-TIERS = {"core": 0, "hf": 1, "training": 2, "convert": 3, "deepspeed": 4, "megatron": 4, "cli": 5}
+TIERS = {"core": 0, "hf": 1, "training": 2, "eval": 3, "convert": 3, "deepspeed": 4, "megatron": 4, "cli": 5}
 CORE = {"config", "functional", "pool", "layers", "experts", "parallel_layout", "ops"}
 HF = {"__init__", "inject", "adapter", "models", "analysis"}
 TRAINING = {"training", "tasks"}
 FRAMEWORKS = ("deepspeed", "megatron", "transformers", "peft", "safetensors", "datasets", "lm_eval")
 FRAMEWORK_HOMES = {"deepspeed": ("deepspeed", "convert"), "megatron": ("megatron", "convert")}
-FORBIDDEN = {"training": ("deepspeed", "megatron", "convert", "cli"), "deepspeed": ("megatron",),
+FORBIDDEN = {"training": ("deepspeed", "megatron", "convert", "cli"),
+             "eval": ("deepspeed", "megatron", "convert", "cli"), "deepspeed": ("megatron",),
              "megatron": ("deepspeed",)}
 
 

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = {"rasa-train": "rasa_megatron.cli.train:main", "rasa-export": "rasa_megatron.cli.export:main",
             "rasa-convert": "rasa_megatron.cli.convert:main",
             "rasa-memory": "rasa_megatron.cli.memory:main",
-            "rasa-reconstruction": "rasa_megatron.cli.reconstruction:main"}
+            "rasa-reconstruction": "rasa_megatron.cli.reconstruction:main",
+            "rasa-eval": "rasa_megatron.cli.evaluate:main"}
 
 
 def test_console_scripts_are_installed_and_load():
