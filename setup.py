@@ -91,7 +91,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["rasa_megatron", "rasa_megatron.*"]),
-    package_data={"rasa_megatron.eval": ["lm_tasks/*.yaml"]},
+    package_data={"rasa_megatron.eval": ["lm_tasks/*.yaml", "lm_tasks/*.py"]},
     install_requires=CORE_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": CONSOLE_SCRIPTS},

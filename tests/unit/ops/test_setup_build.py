@@ -30,6 +30,9 @@ def test_forced_build_puts_cpu_kernels_and_a_manifest_in_the_wheel(tmp_path):
     wheel = next(tmp_path.glob("rasa_megatron-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
+        # the lm-eval task files render from the installed package, not from a checkout
+        assert {f"rasa_megatron/eval/lm_tasks/{n}" for n in ("rasa_hellaswag.yaml", "rasa_winogrande.yaml",
+                "rasa_arc_challenge.yaml", "rasa_task_utils.py")} <= set(names)
         library = next(n for n in names if n.startswith("rasa_megatron/ops/_rasa_ops") and n.endswith(".so"))
         manifest = json.loads(archive.read("rasa_megatron/ops/_rasa_ops.json"))
         archive.extract(library, tmp_path / "unpacked")
