@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     code.add_argument("--ks", type=int, nargs="+", default=[1, 10])
     code.add_argument("--max-new-tokens", type=int, default=512)
     code.add_argument("--workers", type=int, default=2, help="sandboxed programs run at once")
-    code.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    code.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
+    code.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (MiB)")
     return parser
 
 
@@ -66,7 +67,7 @@ def run(args) -> dict:
         from ..eval.sandbox import require_opt_in
 
         require_opt_in()
-    for name in ("batch_size", "limit", "max_new_tokens", "num_samples", "workers"):
+    for name in ("batch_size", "limit", "max_new_tokens", "num_samples", "workers", "timeout", "memory_mb"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -93,7 +94,8 @@ def run(args) -> dict:
         scores, records = evaluate_code(model, tokenizer, path=args.data, num_samples=args.num_samples,
                                         temperature=args.temperature, top_p=args.top_p, ks=tuple(args.ks),
                                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                        limit=args.limit, limits=SandboxLimits(timeout_s=args.timeout),
+                                        limit=args.limit, limits=SandboxLimits(timeout_s=args.timeout,
+                                                                    memory_bytes=args.memory_mb << 20),
                                         workers=args.workers, progress=progress)
         samples = {"code": records}
     meta = {**description, "command": args.command, "seconds": time.perf_counter() - started,

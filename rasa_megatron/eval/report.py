@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from ..training.state_io import write_bytes_durably
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -44,17 +45,12 @@ def markdown_table(scores: list[dict], title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """``text`` (UTF-8) to ``path`` atomically and durably (``training.state_io.write_bytes_durably``),
+    creating the parent directory."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_durably(path, text.encode("utf-8"))
 
 
 def write_report(out_dir: str | os.PathLike, scores: list[dict], meta: dict | None = None,
@@ -63,11 +59,11 @@ def write_report(out_dir: str | os.PathLike, scores: list[dict], meta: dict | No
     each file atomically. Returns the paths written."""
     out = Path(out_dir)
     written = {"json": out / "results.json", "markdown": out / "results.md"}
-    _atomic_write_text(written["json"], json.dumps({"meta": meta or {}, "scores": scores}, indent=2, default=str))
-    _atomic_write_text(written["markdown"], markdown_table(scores, title))
+    write_text(written["json"], json.dumps({"meta": meta or {}, "scores": scores}, indent=2, default=str))
+    write_text(written["markdown"], markdown_table(scores, title))
     for name, records in (samples or {}).items():
         path = out / f"samples_{name}.jsonl"
-        _atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
+        write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
         written[f"samples_{name}"] = path
     return written
 

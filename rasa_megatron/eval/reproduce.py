@@ -27,7 +27,7 @@ from ..training.loop import sft_train_step
 from ..training.methods import prepare_method
 from ..training.metrics import count_parameters
 from ..training.optim import lr_scheduler, make_torch_optimizer
-from .report import _atomic_write_text
+from .report import write_text
 
 #: general-purpose instructions whose base-model answers are the forgetting probe's text
 PROBE_INSTRUCTIONS = [
@@ -180,7 +180,7 @@ def run_study(out_dir: str | os.PathLike, options: ReproduceOptions, progress: b
     setting_path = out / "setting.json"
     if setting_path.exists() and json.loads(setting_path.read_text()) != setting:
         raise ValueError(f"{out} holds runs of another setting ({setting_path}); use a new --out directory")
-    _atomic_write_text(setting_path, json.dumps(setting, indent=2))
+    write_text(setting_path, json.dumps(setting, indent=2))
     started = time.perf_counter()
     base_model, tokenizer = load_smollm2(torch.float32)
     base_model.requires_grad_(False)
@@ -200,7 +200,7 @@ def run_study(out_dir: str | os.PathLike, options: ReproduceOptions, progress: b
                 continue
             record = run_variant(base_model, tokenizer, variant, seed, options, probe, base_nll, progress)
             record["base_accuracy"], record["base_probe_nll"] = base_accuracy[seed], base_nll
-            _atomic_write_text(path, json.dumps(record, indent=2))
+            write_text(path, json.dumps(record, indent=2))
             records.append(record)
     summary = summarise(records, options)
     summary["wall_seconds"] = time.perf_counter() - started
@@ -274,7 +274,7 @@ def write_outputs(out: Path, records: list[dict], summary: dict, options: Reprod
             writer.writerow([record["variant"], record["method"], record["k"], record["seed"], e["step"],
                              e["accuracy"], e["probe_nll"], e["forgetting"], loss, record["trainable_parameters"],
                              record["eval_size"]])
-    _atomic_write_text(out / "results.csv", buffer.getvalue())
+    write_text(out / "results.csv", buffer.getvalue())
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["variant", "seeds", "accuracy_mean", "accuracy_std", "forgetting_mean", "forgetting_std",
@@ -282,9 +282,9 @@ def write_outputs(out: Path, records: list[dict], summary: dict, options: Reprod
     for row in summary["rows"]:
         writer.writerow([row[c] for c in ("variant", "seeds", "accuracy_mean", "accuracy_std", "forgetting_mean",
                                           "forgetting_std", "trainable_parameters")])
-    _atomic_write_text(out / "summary.csv", buffer.getvalue())
+    write_text(out / "summary.csv", buffer.getvalue())
     _plots(out, records, summary, options)
-    _atomic_write_text(out / "report.md", report_markdown(summary, options))
+    write_text(out / "report.md", report_markdown(summary, options))
 
 
 def report_markdown(summary: dict, options: ReproduceOptions) -> str:

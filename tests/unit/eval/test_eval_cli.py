@@ -137,12 +137,17 @@ def test_code_command_with_the_opt_in(saved_forms, tmp_path, capsys, monkeypatch
     out = tmp_path / "code"
     code, captured = _run(["code", "--model", str(saved_forms / "merged"), "--limit", "2", "--num-samples", "2",
                            "--temperature", "0.8", "--ks", "1", "2", "--max-new-tokens", "8", "--timeout", "5",
-                           "--out", str(out), "--no-progress"], capsys)
+                           "--memory-mb", "2048", "--out", str(out), "--no-progress"], capsys)
     assert code == 0, captured.err
-    scores = json.loads((out / "results.json").read_text())["scores"]
+    report = json.loads((out / "results.json").read_text())
+    scores = report["scores"]
+    assert report["meta"]["argv"]["memory_mb"] == 2048 and report["meta"]["argv"]["timeout"] == 5
     assert [(s["benchmark"], s["metric"], s["n"]) for s in scores] == [("humaneval", "pass@1", 2),
                                                                        ("humaneval", "pass@2", 2)]
     assert len((out / "samples_code.jsonl").read_text().splitlines()) == 4
     code, captured = _run(["code", "--model", str(saved_forms / "merged"), "--num-samples", "2", "--ks", "5",
                            "--out", str(tmp_path / "never"), "--no-progress"], capsys)
     assert code == 2 and "1 <= k <= num_samples=2" in captured.err and not (tmp_path / "never").exists()
+    code, captured = _run(["code", "--model", str(saved_forms / "merged"), "--timeout", "0",
+                           "--out", str(tmp_path / "never"), "--no-progress"], capsys)
+    assert code == 2 and "--timeout must be positive" in captured.err and not (tmp_path / "never").exists()
