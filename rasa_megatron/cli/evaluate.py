@@ -58,6 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_inputs(args) -> None:
+    """Everything about the data and the output that can be wrong, checked before a model loads."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if args.command == "lm":
+        from ..eval.lm_harness import check_lm_inputs
+
+        check_lm_inputs(args.tasks, args.data_dir, args.num_fewshot)
+    elif args.command == "math":
+        from ..eval.math_grading import load_problems
+
+        load_problems(args.data)
+    else:
+        from ..eval.code import check_sampling, load_humaneval
+
+        load_humaneval(args.data)
+        check_sampling(args.num_samples, args.temperature, tuple(args.ks))
+
+
 def run(args) -> dict:
     """Load the model, run the chosen benchmark, write the report; returns the paths written."""
     from ..eval.models import load_for_eval
@@ -71,6 +93,7 @@ def run(args) -> dict:
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    _check_inputs(args)
     started = time.perf_counter()
     model, tokenizer, description = load_for_eval(args.model, args.adapter, merge=args.merge, dtype=args.dtype,
                                                   device=args.device, tokenizer=args.tokenizer)
@@ -96,7 +119,7 @@ def run(args) -> dict:
                                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                         limit=args.limit, limits=SandboxLimits(timeout_s=args.timeout,
                                                                     memory_bytes=args.memory_mb << 20),
-                                        workers=args.workers, progress=progress)
+                                        workers=args.workers, progress=progress, fixture=args.fixture)
         samples = {"code": records}
     meta = {**description, "command": args.command, "seconds": time.perf_counter() - started,
             "argv": {k: v for k, v in vars(args).items()}}
@@ -113,7 +136,7 @@ def main(argv=None) -> int:
     except CodeExecutionRefused as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad input, unreadable / corrupt files
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(written["markdown"].read_text())

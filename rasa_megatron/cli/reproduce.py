@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from ..eval.reproduce import QUICK, ReproduceOptions, run_study
 
@@ -43,6 +44,10 @@ def main(argv=None) -> int:
     try:
         options = ReproduceOptions(**settings)
         options.check()
+        if args.threads is not None and args.threads <= 0:
+            raise ValueError(f"--threads must be positive, got {args.threads}")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} exists and is not a directory")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -53,7 +58,7 @@ def main(argv=None) -> int:
     print(json.dumps(asdict(options)), flush=True)
     try:
         summary = run_study(args.out, options, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}/report.md ({summary['wall_seconds']:.0f} s)")

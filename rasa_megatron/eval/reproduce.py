@@ -91,6 +91,10 @@ class ReproduceOptions:
             raise ValueError(f"probe_prompts must be <= {len(PROBE_INSTRUCTIONS)}, got {self.probe_prompts}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        for name in ("ks", "seeds", "eval_steps"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} must not repeat a value, got {values}")
 
 
 QUICK = dict(ks=[0, 1], seeds=[0, 1], steps=2, batch_size=2, eval_steps=[1, 2], eval_size=4, eval_batch_size=4,

@@ -185,6 +185,12 @@ def run_programs(sources: list[str], limits: SandboxLimits = SandboxLimits(), *,
     if workers <= 0:
         raise ValueError(f"workers must be positive, got {workers}")
     namespace_prefix()  # probe once before the threads start
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(lambda s: run_program(s, limits), sources), total=len(sources), desc=desc,
-                         disable=not progress))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        results = list(tqdm(pool.map(lambda s: run_program(s, limits), sources), total=len(sources), desc=desc,
+                            disable=not progress))
+    except BaseException:  # Ctrl-C or a failure: drop the queue, wait only for the programs running now
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return results

@@ -136,3 +136,29 @@ def test_evaluate_code_end_to_end(smollm2_tokenizer, tiny_llama, opted_in):
     assert all(0.0 <= s["value"] <= 1.0 and s["temperature"] == 0.8 and s["limit"] == 2 for s in scores)
     with pytest.raises(ValueError, match="1 <= k <= num_samples=3"):
         evaluate_code(model, smollm2_tokenizer, num_samples=3, temperature=0.8, ks=(10,))
+
+
+@pytest.mark.parametrize("completion", ["    exit()\n", "    import sys; sys.exit(0)\n", "    raise SystemExit\n",
+                                        "    import os; os._exit(0)\n", "    quit()\n"])
+def test_exiting_early_is_a_failure(problems, opted_in, tmp_path, completion):
+    first = problems[0]
+    plus = dict(first, base_input=[[[1.0, 2.0, 3.0], 0.5]], plus_input=[[[1.0, 2.0], 1.0]], atol=0)
+    path = tmp_path / "plus.jsonl"
+    path.write_text(json.dumps(plus) + "\n")
+    for problem, data in ((first, default_problems_path()), (plus, path)):
+        _, records = score_completions([problem], [[completion]], data, ks=(1,), progress=False)
+        suites = [s for s in ("humaneval", "humaneval_plus") if s in records[0]]
+        assert [records[0][s]["status"] for s in suites] == ["failed"] * len(suites), records
+
+
+def test_find_zero_accepts_any_root(problems, opted_in, tmp_path):
+    """EvalPlus checks HumanEval/32 by |poly(xs, x)| <= 1e-6; the canonical bisection finds 1.0 for
+    (x-1)(x-2)(x-3), this candidate returns 3.0, and a non-root fails."""
+    task = dict(next(p for p in problems if p["task_id"] == "HumanEval/32"),
+                base_input=[[[-6, 11, -6, 1]]], plus_input=[[[-6, 11, -6, 1]], [[1, 2]]], atol=0)
+    path = tmp_path / "find_zero.jsonl"
+    path.write_text(json.dumps(task) + "\n")
+    other_root = ("    for r in (3.0, 2.0):\n        if abs(poly(xs, r)) < 1e-12:\n            return r\n"
+                  + task["canonical_solution"])
+    _, records = score_completions([task], [[other_root, "    return 0.25\n"]], path, ks=(1,), progress=False)
+    assert [r["humaneval_plus"]["status"] for r in records] == ["passed", "failed"]

@@ -151,3 +151,54 @@ def test_code_command_with_the_opt_in(saved_forms, tmp_path, capsys, monkeypatch
     code, captured = _run(["code", "--model", str(saved_forms / "merged"), "--timeout", "0",
                            "--out", str(tmp_path / "never"), "--no-progress"], capsys)
     assert code == 2 and "--timeout must be positive" in captured.err and not (tmp_path / "never").exists()
+
+
+def test_bad_data_and_output_fail_before_the_model_loads(saved_forms, tmp_path, capsys, monkeypatch):
+    import gzip
+
+    from rasa_megatron.eval import models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(models, "load_for_eval", never)
+    monkeypatch.setenv("RASA_ALLOW_CODE_EVAL", "1")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "corrupt.jsonl.gz").write_bytes(b"not gzip at all")
+    bad_wino = tmp_path / "wino"
+    write_lm_fixtures(bad_wino, n=2)
+    (bad_wino / "winogrande.jsonl").write_text(json.dumps({"sentence": "no blank", "option1": "a", "option2": "b",
+                                                           "answer": "1"}) + "\n")
+    with gzip.open(tmp_path / "bad_code.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"task_id": "T/0", "prompt": "def f():\n"}) + "\n")
+    base = str(saved_forms / "base")
+    cases = [
+        (["lm", "--model", base, "--data-dir", str(saved_forms / "data"), "--out", str(tmp_path / "a_file")],
+         "exists and is not a directory"),
+        (["lm", "--model", base, "--data-dir", str(bad_wino), "--tasks", "winogrande"], "winogrande.jsonl:1"),
+        (["lm", "--model", base, "--data-dir", str(saved_forms / "data"), "--num-fewshot", "5"],
+         "_train.jsonl"),
+        (["math", "--model", base, "--data", str(tmp_path)], "Is a directory"),
+        (["math", "--model", base, "--data", str(tmp_path / "empty.jsonl")], "no problems"),
+        (["math", "--model", base, "--data", str(tmp_path / "corrupt.jsonl.gz")], "gzip"),
+        (["code", "--model", base, "--data", str(tmp_path / "bad_code.jsonl.gz")], "T/0 lacks"),
+        (["code", "--model", base, "--temperature", "0", "--num-samples", "3", "--ks", "1"], "greedy"),
+    ]
+    for args, message in cases:
+        if "--out" not in args:
+            args = args + ["--out", str(tmp_path / "never")]
+        code, captured = _run(args + ["--no-progress"], capsys)
+        assert code == 2 and message in captured.err, (args, captured.err)
+        assert not (tmp_path / "never").exists()
+
+
+def test_code_fixture_flag_labels_the_report(saved_forms, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RASA_ALLOW_CODE_EVAL", "1")
+    out = tmp_path / "code"
+    code, captured = _run(["code", "--model", str(saved_forms / "merged"), "--limit", "1", "--num-samples", "1",
+                           "--temperature", "0", "--ks", "1", "--max-new-tokens", "4", "--fixture",
+                           "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, captured.err
+    assert all(s["fixture"] for s in json.loads((out / "results.json").read_text())["scores"])
+    assert "FIXTURE" in (out / "results.md").read_text()

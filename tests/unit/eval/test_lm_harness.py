@@ -9,6 +9,7 @@ order, hence 1e-4.
 """
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -167,3 +168,44 @@ def test_network_is_blocked_in_this_suite():
         socket.create_connection(("127.0.0.1", 9))
     with pytest.raises(RuntimeError, match="offline"):
         socket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(("127.0.0.1", 9))
+
+
+def test_fixture_directories_are_labelled_without_the_flag(fixture_dir):
+    scores, _ = evaluate_lm(_scripted_lm(False), None, ["winogrande"], fixture_dir)
+    assert all(s["fixture"] for s in scores)
+
+
+def test_few_shot_examples_come_from_the_training_split_only(fixture_dir, tmp_path):
+    import shutil
+
+    with pytest.raises(FileNotFoundError, match="arc_challenge_train.jsonl"):
+        evaluate_lm(_scripted_lm(False), None, ["arc_challenge"], fixture_dir, num_fewshot=2)
+    data = tmp_path / "data"
+    shutil.copytree(fixture_dir, data)
+    train = [{"id": f"train_{i}", "question": f"Training question number {i}?",
+              "choices": {"text": ["yes", "no"], "label": ["A", "B"]}, "answerKey": "A"} for i in range(4)]
+    (data / "arc_challenge_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    scores, samples = evaluate_lm(_scripted_lm(False), None, ["arc_challenge"], data, num_fewshot=2)
+    scored = [json.loads(line)["question"] for line in (data / "arc_challenge.jsonl").read_text().splitlines()]
+    for record in samples["arc_challenge"]:
+        context = record["requests"][0][0]
+        assert context.count("Training question number") == 2
+        assert sum(q in context for q in scored) == 1  # only the document's own question, once, at the end
+    assert all(s["num_fewshot"] == 2 and s["value"] == 1.0 for s in scores)
+
+
+@pytest.mark.parametrize("task, record, message", [
+    ("winogrande", {"sentence": "no blank here", "option1": "a", "option2": "b", "answer": "1"}, "'_' blank"),
+    ("winogrande", {"sentence": "a _ b", "option1": "a", "answer": "1"}, "missing ['option2']"),
+    ("hellaswag", {"activity_label": "x", "ctx_a": "a", "ctx_b": "b", "endings": ["e"], "label": "3"}, "label"),
+    ("arc_challenge", {"question": "q", "choices": {"text": ["t"], "label": ["A"]}, "answerKey": "B"}, "answerKey"),
+])
+def test_bad_documents_are_named_by_file_and_line(fixture_dir, tmp_path, task, record, message):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(fixture_dir, data)
+    path = data / f"{task}.jsonl"
+    path.write_text(path.read_text() + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=rf"{task}.jsonl:6: .*{re.escape(message)}"):
+        resolve_tasks([task], data)

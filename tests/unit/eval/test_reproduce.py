@@ -58,8 +58,14 @@ def test_verdicts_say_plainly_where_rasa_does_not_beat_lora():
 
 def test_bad_settings_exit_with_a_message(tmp_path):
     for args, message in ((["--ks", "9"], "ks must lie in 0..r=8"), (["--eval-steps", "40"], "eval_steps"),
-                          (["--steps", "0"], "steps must be positive")):
+                          (["--steps", "0"], "steps must be positive"),
+                          (["--seeds", "0", "0"], "seeds must not repeat a value, got [0, 0]"),
+                          (["--threads", "0"], "--threads must be positive, got 0")):
         result = subprocess.run([sys.executable, str(ROOT / "tools" / "reproduce.py"), "--out", str(tmp_path / "x"),
                                  *args], capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert not (tmp_path / "x").exists()
+    (tmp_path / "file").write_text("")
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "reproduce.py"), "--out", str(tmp_path / "file")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "exists and is not a directory" in result.stderr

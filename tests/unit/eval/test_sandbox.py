@@ -148,3 +148,21 @@ def test_run_programs_keeps_order(opted_in):
 def test_bad_limits(field, value):
     with pytest.raises(ValueError, match=f"SandboxLimits.{field} must be positive"):
         SandboxLimits(**{field: value})
+
+
+def test_a_failure_cancels_the_queue(opted_in, monkeypatch):
+    from rasa_megatron.eval import sandbox
+
+    started = []
+
+    def failing_run(source, limits):  # 0.2 s per "program"; the second one is interrupted
+        started.append(source)
+        time.sleep(0.2)
+        if len(started) == 2:
+            raise KeyboardInterrupt
+        return sandbox.ExecutionResult("passed", 0, "", "", 0.2, False)
+
+    monkeypatch.setattr(sandbox, "run_program", failing_run)
+    with pytest.raises(KeyboardInterrupt):
+        sandbox.run_programs([f"print({i})" for i in range(50)], workers=1, progress=False)
+    assert len(started) <= 5  # not all 50: the queue was dropped
