@@ -96,5 +96,17 @@ def main(argv=None) -> int:
         if finished is not None:  # a requeued or repeated job: nothing to do, nothing rewritten
             print(f"run complete: {recipe.output.dir} finished at step {finished} (complete.json); nothing to resume")
             return 0
-    return engine_module(recipe).run(recipe, stop_step=args.stop_after, resume=args.resume, portable=args.portable,
-                                     control_dir=args.control_dir)
+    status = engine_module(recipe).run(recipe, stop_step=args.stop_after, resume=args.resume, portable=args.portable,
+                                       control_dir=args.control_dir)
+    _close_process_group()
+    return status
+
+
+def _close_process_group() -> None:
+    """After a run every rank finished (the engines end on a barrier): tear the process group down so
+    that no rank's interpreter exit destroys it with the backend's threads still running (gloo aborts
+    with SIGABRT there; NCCL warns of a leaked communicator)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

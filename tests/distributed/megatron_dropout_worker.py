@@ -80,6 +80,8 @@ def main():
     if dist.get_rank() == 0:
         merged = {key: [v for rank_stats in everything for v in rank_stats[key]] for key in stats}
         print("RESULT " + json.dumps({"p": P, **merged}), flush=True)
+    dist.barrier()  # no rank exits while gloo still has work queued: an exit there aborts (SIGABRT)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ def main():
     dist.all_gather_object(results, {"megatron_own": megatron_own, "ours": ours, "stale": stale})
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(results), flush=True)
+    dist.barrier()  # no rank exits while gloo still has work queued: an exit there aborts (SIGABRT)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
