@@ -44,6 +44,7 @@ CONSOLE_SCRIPTS = [
     "rasa-memory = rasa_megatron.cli.memory:main",
     "rasa-reconstruction = rasa_megatron.cli.reconstruction:main",
     "rasa-eval = rasa_megatron.cli.evaluate:main",
+    "rasa-reproduce = rasa_megatron.cli.reproduce:main",
 ]
 
 

@@ -2,6 +2,7 @@
 
     python tools/reproduce.py --out runs/reproduce            # the full setting (README's table)
     python tools/reproduce.py --out /tmp/r --quick            # minutes: 2 ks, 2 seeds, 2 steps
+    rasa-reproduce --out runs/reproduce                       # the same, installed
 
 Finished runs under ``<out>/runs/`` are kept, so an interrupted study resumes where it stopped.
 """
@@ -17,7 +18,7 @@ from ..eval.reproduce import QUICK, ReproduceOptions, run_study
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="reproduce", description=__doc__,
+    parser = argparse.ArgumentParser(prog="rasa-reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory (CSV, plots, report.md, runs/)")
     parser.add_argument("--quick", action="store_true", help="the test suite's small setting")

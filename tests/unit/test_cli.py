@@ -10,7 +10,8 @@ COMMANDS = {"rasa-train": "rasa_megatron.cli.train:main", "rasa-export": "rasa_m
             "rasa-convert": "rasa_megatron.cli.convert:main",
             "rasa-memory": "rasa_megatron.cli.memory:main",
             "rasa-reconstruction": "rasa_megatron.cli.reconstruction:main",
-            "rasa-eval": "rasa_megatron.cli.evaluate:main"}
+            "rasa-eval": "rasa_megatron.cli.evaluate:main",
+            "rasa-reproduce": "rasa_megatron.cli.reproduce:main"}
 
 
 def test_console_scripts_are_installed_and_load():
