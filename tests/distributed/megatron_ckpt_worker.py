@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from megatron_common import hf_reference, init_cpu_megatron, megatron_chunks, micro_batches, report_worst  # noqa: E402
+from megatron_common import close_cpu_megatron, hf_reference, init_cpu_megatron, megatron_chunks  # noqa: E402
+from megatron_common import micro_batches, report_worst  # noqa: E402
 from pp_driver import forward_only  # noqa: E402
 
 
@@ -79,8 +80,7 @@ def main():
         print("RESULT " + json.dumps({"tp": args.tp, "pp": args.pp, "mode": "save" if args.save else "load",
                                       "spec": args.spec,
                                       "worst": worst}), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    close_cpu_megatron()
 
 
 if __name__ == "__main__":

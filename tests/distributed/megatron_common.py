@@ -25,6 +25,14 @@ def init_cpu_megatron(tp: int, pp: int, vpp: int = 1, **parallel):
     return parallel_state
 
 
+def close_cpu_megatron() -> None:
+    """The end of every worker :func:`init_cpu_megatron` set up: all ranks meet, then the process groups
+    are destroyed, so that no rank's interpreter exit tears gloo down with work still queued (a rank
+    aborts with SIGABRT there, after the worker printed its result)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def hf_reference(adapter_seed: int = 7, noise_seed: int = 1):
     """The tiny HF Llama (base weights seed 0) with RaSA r=4 k=1 (init after ``adapter_seed``) plus
     seeded noise on every adapter tensor, so B is non-zero."""

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from megatron_common import hf_reference, init_cpu_megatron, megatron_chunks  # noqa: E402
+from megatron_common import close_cpu_megatron, hf_reference, init_cpu_megatron, megatron_chunks  # noqa: E402
 from megatron_common import micro_batches as make_micro_batches  # noqa: E402
 from pp_driver import forward_only  # noqa: E402
 
@@ -80,8 +80,7 @@ def main():
     if dist.get_rank() == 0:
         merged = {key: [v for rank_stats in everything for v in rank_stats[key]] for key in stats}
         print("RESULT " + json.dumps({"p": P, **merged}), flush=True)
-    dist.barrier()  # no rank exits while gloo still has work queued: an exit there aborts (SIGABRT)
-    dist.destroy_process_group()
+    close_cpu_megatron()
 
 
 if __name__ == "__main__":

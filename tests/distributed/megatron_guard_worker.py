@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from megatron_common import hf_reference, init_cpu_megatron, megatron_chunks  # noqa: E402
+from megatron_common import close_cpu_megatron, hf_reference, init_cpu_megatron, megatron_chunks  # noqa: E402
 from megatron_common import micro_batches as make_micro_batches  # noqa: E402
 
 
@@ -72,8 +72,7 @@ def main():
     dist.all_gather_object(results, {"megatron_own": megatron_own, "ours": ours, "stale": stale})
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(results), flush=True)
-    dist.barrier()  # no rank exits while gloo still has work queued: an exit there aborts (SIGABRT)
-    dist.destroy_process_group()
+    close_cpu_megatron()
 
 
 if __name__ == "__main__":

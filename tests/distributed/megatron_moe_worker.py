@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from megatron_common import init_cpu_megatron, report_worst  # noqa: E402
+from megatron_common import close_cpu_megatron, init_cpu_megatron, report_worst  # noqa: E402
 
 TOL = 1e-5
 
@@ -137,8 +137,7 @@ def main():
         print("RESULT " + json.dumps({"ep": ep, "worst": worst, "units": len(units),
                                       "expert_units": sum(len(k) == 3 for k in units),
                                       "adapter_round_trip": round_trip, "pieces_sent": sent_by_rank}), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    close_cpu_megatron()
 
 
 if __name__ == "__main__":

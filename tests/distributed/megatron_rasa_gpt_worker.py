@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from megatron_common import hf_reference, init_cpu_megatron, megatron_chunks, report_worst  # noqa: E402
+from megatron_common import close_cpu_megatron, hf_reference, init_cpu_megatron, megatron_chunks, report_worst  # noqa: E402
 from megatron_common import micro_batches as make_micro_batches  # noqa: E402
 from pp_driver import forward_backward, forward_only  # noqa: E402
 
@@ -158,8 +158,7 @@ def main():
         print("RESULT " + json.dumps({"tp": tp, "pp": pp, "vpp": vpp, "sp": args.sp, "spec": args.spec, "worst": worst,
                                       "collectives_per_step": collectives, "units": len(units),
                                       "adapter_round_trip": round_trip}), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    close_cpu_megatron()
 
 
 if __name__ == "__main__":
